@@ -1,0 +1,1 @@
+"""Streaming aggregation of participants deltas into the next shared base (NumPy only)."""

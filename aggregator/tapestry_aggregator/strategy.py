@@ -1,0 +1,133 @@
+"""The math of one outer step, as pure NumPy functions on one tensor at a time.
+
+The pseudo-gradient of participant i is `delta_i = base - local_i`; the round's
+pseudo-gradient is the weighted sum `g = sum_i w_i * delta_i` (weights sum to 1).
+
+- FedAvg (SGD, lr 1):  new = base - lr * g            (lr 1 = the average of the locals)
+- DiLoCo (Nesterov):   m = mu*m + g;  new = base - lr * (g + mu*m)
+- FedAdam:             m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;
+                       new = base - lr * m / (sqrt(v) + tau)        (Reddi et al., 2021)
+
+All arithmetic is float32 in a fixed order, so a re-run is bit-for-bit identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tapestry_protocol.shards import FloatArray
+
+OPTIMIZERS = ("fedavg", "diloco", "fedadam")
+WEIGHTINGS = ("tokens", "equal")
+DEFAULT_LR = {"fedavg": 1.0, "diloco": 0.7, "fedadam": 0.01}
+STATE_SLOTS = {"fedavg": (), "diloco": ("momentum",), "fedadam": ("m", "v")}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a round's deltas become the next base; stored in every round result."""
+
+    optimizer: str = "diloco"
+    learning_rate: float | None = None
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    weighting: str = "tokens"
+    max_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown outer optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}"
+            )
+        if self.max_share is not None and not 0 < self.max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return STATE_SLOTS[self.optimizer]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "learning_rate": self.lr}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Strategy:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown strategy fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def compute_weights(
+    tokens: Mapping[str, int], weighting: str = "tokens", max_share: float | None = None
+) -> dict[str, float]:
+    """Each accepted participant's share of the round, summing to 1.
+
+    With `max_share` no participant gets more than that share (anti-capture); the
+    excess goes to the others in proportion to their weights. If the cap cannot be met
+    (cap * participants < 1), everyone gets an equal share.
+    """
+    names = sorted(tokens)
+    if not names:
+        return {}
+    if weighting == "equal" or sum(tokens.values()) == 0:
+        raw = {n: 1.0 for n in names}
+    elif weighting == "tokens":
+        raw = {n: float(tokens[n]) for n in names}
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}")
+    total = sum(raw.values())
+    weights = {n: raw[n] / total for n in names}
+    if max_share is None:
+        return weights
+    if max_share * len(names) < 1:
+        return {n: 1.0 / len(names) for n in names}
+    capped: set[str] = set()
+    while True:
+        over = {n for n in names if n not in capped and weights[n] > max_share + 1e-12}
+        if not over:
+            return weights
+        capped |= over
+        free = [n for n in names if n not in capped]
+        remaining = 1.0 - max_share * len(capped)
+        free_total = sum(raw[n] for n in free)
+        weights = {n: max_share for n in capped}
+        for n in free:
+            weights[n] = remaining * raw[n] / free_total if free_total else 0.0
+
+
+def outer_step(
+    strategy: Strategy,
+    base: FloatArray,
+    grad: FloatArray,
+    state: Mapping[str, FloatArray],
+) -> tuple[FloatArray, dict[str, FloatArray]]:
+    """One outer-optimizer step for one tensor; returns the new base and new state."""
+    lr = np.float32(strategy.lr)
+    if strategy.optimizer == "fedavg":
+        return (base - lr * grad).astype(np.float32), {}
+    if strategy.optimizer == "diloco":
+        mu = np.float32(strategy.momentum)
+        momentum = mu * state.get("momentum", np.zeros_like(base)) + grad
+        new = base - lr * (grad + mu * momentum)
+        return new.astype(np.float32), {"momentum": momentum.astype(np.float32)}
+    b1, b2, tau = np.float32(strategy.beta1), np.float32(strategy.beta2), np.float32(strategy.tau)
+    m = b1 * state.get("m", np.zeros_like(base)) + (np.float32(1) - b1) * grad
+    v = b2 * state.get("v", np.zeros_like(base)) + (np.float32(1) - b2) * grad * grad
+    new = base - lr * m / (np.sqrt(v) + tau)
+    return new.astype(np.float32), {"m": m.astype(np.float32), "v": v.astype(np.float32)}

@@ -1,0 +1,112 @@
+"""Where every protocol object lives in the store: the one place that spells out keys.
+
+    federations/<fed>/bases/<round>/{manifest.json, part-NNNNN-<hash>.safetensors}
+    federations/<fed>/rounds/<round>/plan.json
+    federations/<fed>/rounds/<round>/updates/<participant>/{manifest.json, part-NNNNN-<hash>...}
+    federations/<fed>/rounds/<round>/result.json
+    federations/<fed>/optimizer/<round>/{manifest.json, part-NNNNN-<hash>.safetensors}
+
+`bases/<r>` is the model that round r trains from; round r's result publishes
+`bases/<r+1>` and `optimizer/<r+1>` (the outer-optimizer state that goes with it).
+Rounds are zero-padded so that listing returns them in order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME = 63
+MANIFEST = "manifest.json"
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Federation and participant names are DNS-1123 labels, like Kubernetes names."""
+    if not isinstance(name, str) or len(name) > MAX_NAME or not NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} name {name!r} is invalid: use 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def shard_name(index: int, sha256: str) -> str:
+    """Shard objects are content-addressed, so a retried or racing writer never has to
+    overwrite one: the same name always means the same bytes."""
+    return f"part-{index:05d}-{sha256[:16]}.safetensors"
+
+
+def round_dir(round_number: int) -> str:
+    if round_number < 0:
+        raise ValueError(f"round must be >= 0, got {round_number}")
+    return f"{round_number:06d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys of one federation, optionally below a prefix inside the bucket."""
+
+    federation: str
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        validate_name("federation", self.federation)
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix.strip('/')}/federations/{self.federation}/".lstrip("/")
+
+    def base_dir(self, round_number: int) -> str:
+        return f"{self.root}bases/{round_dir(round_number)}/"
+
+    def base_manifest(self, round_number: int) -> str:
+        return self.base_dir(round_number) + MANIFEST
+
+    def optimizer_dir(self, round_number: int) -> str:
+        return f"{self.root}optimizer/{round_dir(round_number)}/"
+
+    def optimizer_manifest(self, round_number: int) -> str:
+        return self.optimizer_dir(round_number) + MANIFEST
+
+    def rounds_prefix(self) -> str:
+        return f"{self.root}rounds/"
+
+    def round_prefix(self, round_number: int) -> str:
+        return f"{self.rounds_prefix()}{round_dir(round_number)}/"
+
+    def plan(self, round_number: int) -> str:
+        return self.round_prefix(round_number) + "plan.json"
+
+    def result(self, round_number: int) -> str:
+        return self.round_prefix(round_number) + "result.json"
+
+    def updates_prefix(self, round_number: int) -> str:
+        return self.round_prefix(round_number) + "updates/"
+
+    def update_dir(self, round_number: int, participant: str) -> str:
+        validate_name("participant", participant)
+        return f"{self.updates_prefix(round_number)}{participant}/"
+
+    def update_manifest(self, round_number: int, participant: str) -> str:
+        return self.update_dir(round_number, participant) + MANIFEST
+
+    def model_round(self, key: str, role: str = "base") -> int:
+        """The round of a base or optimizer manifest key of this federation."""
+        folder = "bases" if role == "base" else "optimizer"
+        head = f"{self.root}{folder}/"
+        rest = key[len(head) :] if key.startswith(head) else ""
+        number, _, name = rest.partition("/")
+        if not number.isdigit() or name != MANIFEST:
+            raise ValueError(f"{key!r} is not a {role} manifest of federation {self.federation}")
+        return int(number)
+
+    def round_numbers(self, keys: list[str]) -> list[int]:
+        """Round numbers that appear in a listing of `rounds_prefix()`."""
+        found: set[int] = set()
+        start = len(self.rounds_prefix())
+        for key in keys:
+            head = key[start:].split("/", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+        return sorted(found)
