@@ -138,6 +138,7 @@ def _rounds_show(args: argparse.Namespace) -> int:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
+    from tapestry_aggregator.memory import keep_freed_memory
     from tapestry_aggregator.merge import aggregate_round, result_summary
     from tapestry_aggregator.strategy import Strategy
     from tapestry_protocol.exchange import COORDINATOR
@@ -157,6 +158,7 @@ def _aggregate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     store = _open(args)
+    keep_freed_memory()
     try:
         result = aggregate_round(store, layout, args.round, signer, strategy)  # type: ignore[arg-type]
     except Rejected as e:

@@ -1,0 +1,394 @@
+"""`tapestry local run`: a whole federation on this machine, no cluster needed.
+
+The same protocol as in Kubernetes, with the parts as processes: a filesystem store (or
+any S3 URL), each participant as a torchrun subprocess on its own data, the aggregator,
+live progress, and at the end a table of how the shared model does on every
+participant's held-out data next to local-only models trained with the same compute.
+
+Re-running over the same work directory continues where it stopped: every step of the
+protocol is write-once and idempotent, so finished rounds are only re-verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+DEFAULT_WORKDIR = Path("runs/local")
+
+
+def add_parser(sub: Any) -> None:
+    local = sub.add_parser("local", help="run a federation on this machine").add_subparsers(
+        metavar="ACTION"
+    )
+    run = local.add_parser(
+        "run",
+        help="N participants x R rounds with local processes",
+        description=__doc__.splitlines()[0],
+    )
+    run.add_argument("--participants", type=int, default=3, help="how many (demo: 1 language each)")
+    run.add_argument("--rounds", type=int, default=4)
+    run.add_argument("--inner-steps", type=int, default=40, help="H, AdamW steps per round")
+    run.add_argument("--preset", default="tiny", help="built-in model: tiny, small, base, 1b")
+    run.add_argument("--lr", type=float, default=3e-3, help="inner learning rate")
+    run.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
+    run.add_argument("--seq-len", type=int, default=128)
+    run.add_argument("--optimizer", default="diloco", choices=["fedavg", "diloco", "fedadam"])
+    run.add_argument("--outer-lr", type=float, default=None, help="default per optimizer")
+    run.add_argument("--encoding", default="fp32", choices=["fp32", "bf16", "int8"])
+    run.add_argument("--nproc-per-participant", type=int, default=1, help="torchrun processes")
+    run.add_argument("--data", type=Path, default=None,
+                     help="your own data: one sub-folder of .txt files per participant "
+                          "(default: the multilingual demo corpus)")  # fmt: skip
+    run.add_argument("--store", default=None, help="store URL (default: WORKDIR/store)")
+    run.add_argument("--federation", default="local")
+    run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    run.add_argument("--fresh", action="store_true", help="delete WORKDIR first")
+    run.add_argument("--no-baseline", action="store_true", help="skip local-only models")
+    run.set_defaults(run=_run)
+
+
+@dataclass
+class Participant:
+    name: str
+    text: Path
+    data: Path = field(default_factory=Path)
+    process: subprocess.Popen[bytes] | None = None
+    progress_file: Path = field(default_factory=Path)
+    log_file: Path = field(default_factory=Path)
+    task: TaskID | None = None
+
+
+def _fail(message: str) -> int:
+    console.print(f"[red]error:[/] {message}")
+    return 2
+
+
+def _participants(args: argparse.Namespace, workdir: Path) -> list[Participant]:
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise FileNotFoundError(f"--data {args.data} is not a directory")
+        folders = sorted(p for p in args.data.iterdir() if p.is_dir())
+        if len(folders) < args.participants:
+            raise FileNotFoundError(
+                f"--data {args.data} has {len(folders)} sub-folders; "
+                f"{args.participants} participants need one each"
+            )
+        return [Participant(f.name, f) for f in folders[: args.participants]]
+    from tapestry_trainer.corpus import PACKAGES, prepare_demo_corpus
+
+    languages = sorted(PACKAGES)
+    if args.participants > len(languages):
+        raise FileNotFoundError(
+            f"the demo corpus has {len(languages)} languages ({', '.join(languages)}); "
+            f"use --participants <= {len(languages)} or --data"
+        )
+    chosen = ["de", "es", "it", "en"][: args.participants]
+    with console.status("fetching the demo corpus (cached after the first run)"):
+        folders = prepare_demo_corpus(workdir / "corpus", chosen)
+    return [Participant(lang, folders[lang]) for lang in chosen]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tapestry_cli.main import UsageError
+
+    if args.fresh and args.workdir.exists():
+        shutil.rmtree(args.workdir)
+    workdir = args.workdir.absolute()
+    try:
+        people = _participants(args, workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    except RuntimeError as e:  # CorpusUnavailable
+        raise UsageError(f"demo corpus unavailable: {e}") from None
+    try:
+        return Federation(args, workdir, people).run()
+    except LocalRunError as e:
+        raise UsageError(str(e)) from None
+
+
+class LocalRunError(Exception):
+    """The local federation cannot go on; the message says why."""
+
+
+class Federation:
+    """The coordinator's side of a local run: plans, processes, aggregation, report."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, people: list[Participant]):
+        from tapestry_aggregator.strategy import Strategy
+        from tapestry_protocol.layout import Layout
+        from tapestry_trainer.specs import InnerConfig, ModelSpec
+
+        self.args = args
+        self.workdir = workdir
+        self.people = people
+        self.layout = Layout(args.federation)
+        self.spec = ModelSpec.preset(args.preset, seed=0)
+        self.config = InnerConfig(
+            steps=args.inner_steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+            warmup_steps=max(1, args.inner_steps // 10), checkpoint_every=10,
+        )  # fmt: skip
+        self.strategy = Strategy(args.optimizer, learning_rate=args.outer_lr)
+        self.store_url = args.store or str(workdir / "store")
+        self.threads = max(1, (os.cpu_count() or 1) // (len(people) * args.nproc_per_participant))
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _keys(self) -> tuple[Any, dict[str, Path]]:
+        from tapestry_protocol.exchange import COORDINATOR
+        from tapestry_protocol.signing import SigningKey, load_signing_key
+
+        folder = self.workdir / "keys"
+        paths = {}
+        for name in [COORDINATOR, *(p.name for p in self.people)]:
+            path = folder / f"{name}.key"
+            if not path.exists():
+                SigningKey.generate(name).save(folder)
+            paths[name] = path
+        return load_signing_key(COORDINATOR, paths[COORDINATOR]), paths
+
+    def _prepare_data(self) -> None:
+        from tapestry_trainer.data import prepare_shards
+
+        with console.status("tokenizing each participant's data"):
+            for p in self.people:
+                p.data = self.workdir / "data" / p.name
+                prepare_shards([p.text], p.data, val_fraction=0.1)
+
+    def _open_store(self) -> Any:
+        from tapestry_protocol.store import StoreError, open_store
+
+        try:
+            store = open_store(self.store_url, create=True)
+            store.exists(self.layout.plan(0))  # reach it now, not mid-round
+        except (StoreError, ValueError, OSError) as e:
+            raise LocalRunError(f"cannot use store {self.store_url!r}: {e}") from None
+        return store
+
+    def _initial_base(self, store: Any, coordinator: Any) -> Any:
+        from tapestry_protocol.exchange import publish_model, read_model
+        from tapestry_protocol.shards import DEFAULT_SHARD_BYTES, plan_shards
+        from tapestry_trainer.baseline import initial_arrays
+
+        key = self.layout.base_manifest(0)
+        if not store.exists(key):
+            arrays = initial_arrays(self.spec)
+            groups = plan_shards([(n, a.nbytes) for n, a in arrays.items()], DEFAULT_SHARD_BYTES)
+            publish_model(store, self.layout, 0, arrays, groups, coordinator,
+                          model=self.spec.to_dict())  # fmt: skip
+        return read_model(store, self.layout, key, coordinator.public_key_text)
+
+    # -- rounds -----------------------------------------------------------------------
+
+    def _plan(self, store: Any, coordinator: Any, round_number: int, base: Any) -> Any:
+        from tapestry_protocol.exchange import make_plan, publish_plan, read_plan
+        from tapestry_protocol.store import ObjectExists
+
+        keys = {p.name: self._public_key(p.name) for p in self.people}
+        plan = make_plan(
+            self.layout, round_number, base, model=self.spec.to_dict(),
+            hyperparameters=self.config.to_dict(), participants=keys,
+            min_participants=max(1, (len(self.people) + 1) // 2),
+            deadline=(datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            encoding=self.args.encoding,
+        )  # fmt: skip
+        try:
+            return publish_plan(store, self.layout, plan, coordinator)
+        except ObjectExists:  # a re-run: the round was planned before
+            return read_plan(store, self.layout, round_number, coordinator.public_key_text)
+
+    def _public_key(self, name: str) -> str:
+        return (self.workdir / "keys" / f"{name}.pub").read_text().strip()
+
+    def _launch(self, p: Participant, round_number: int, coordinator_key: str) -> None:
+        logs = self.workdir / "logs" / f"round-{round_number:03d}"
+        logs.mkdir(parents=True, exist_ok=True)
+        p.log_file = logs / f"{p.name}.log"
+        p.progress_file = logs / f"{p.name}.progress"
+        p.progress_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={self.args.nproc_per_participant}",
+            "-m", "tapestry_trainer.participant",
+            "--store", self.store_url, "--federation", self.layout.federation,
+            "--round", str(round_number), "--name", p.name,
+            "--key", str(self.workdir / "keys" / f"{p.name}.key"),
+            "--coordinator-key", coordinator_key, "--data", str(p.data),
+            "--workdir", str(self.workdir), "--progress", str(p.progress_file),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        with p.log_file.open("wb") as log:
+            p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    @staticmethod
+    def _last_progress(p: Participant) -> dict[str, Any]:
+        try:
+            lines = p.progress_file.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        for line in reversed(lines):
+            try:
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+            except json.JSONDecodeError:
+                continue  # a line still being written
+        return {}
+
+    def _train_round(self, round_number: int, coordinator_key: str) -> dict[str, str]:
+        """Run every participant; returns the failed ones with their log tails."""
+        failed: dict[str, str] = {}
+        with Progress(
+            TextColumn("  {task.description:>14}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=console, transient=True,
+        ) as bars:  # fmt: skip
+            for p in self.people:
+                self._launch(p, round_number, coordinator_key)
+                p.task = bars.add_task(p.name, total=self.config.steps, info="starting")
+            while any(p.process and p.process.poll() is None for p in self.people):
+                for p in self.people:
+                    last = self._last_progress(p)
+                    if "step" in last and p.task is not None:
+                        bars.update(p.task, completed=last["step"],
+                                    info=f"loss {last['loss']:.3f}")  # fmt: skip
+                    elif last.get("event") == "uploaded" and p.task is not None:
+                        bars.update(p.task, completed=self.config.steps, info="uploaded")
+                time.sleep(0.3)
+        for p in self.people:
+            assert p.process is not None
+            if p.process.returncode != 0:
+                tail = p.log_file.read_text(errors="replace").strip().splitlines()[-8:]
+                failed[p.name] = f"exit code {p.process.returncode}: " + " | ".join(tail)[-600:]
+                console.print(f"  [red]{p.name} failed[/] (exit {p.process.returncode}); "
+                              f"log {p.log_file}:")  # fmt: skip
+                for line in tail:
+                    console.print(f"    {line}", markup=False, highlight=False)
+        return failed
+
+    def run(self) -> int:
+        from tapestry_aggregator.memory import keep_freed_memory
+        from tapestry_aggregator.merge import aggregate_round
+        from tapestry_protocol.exchange import read_model
+
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        coordinator, _ = self._keys()
+        self._prepare_data()
+        store = self._open_store()
+        keep_freed_memory()
+        base = self._initial_base(store, coordinator)
+        console.print(
+            f"[bold]federation[/] {self.layout.federation}: {len(self.people)} participants "
+            f"({', '.join(p.name for p in self.people)}), {self.args.rounds} rounds x "
+            f"{self.config.steps} inner steps, model {self.args.preset} "
+            f"({self.spec.param_count() or 0:,} parameters), outer {self.strategy.optimizer}, "
+            f"store {store.url}"
+        )
+        key = coordinator.public_key_text
+        for r in range(self.args.rounds):
+            plan = self._plan(store, coordinator, r, base)
+            round_started = time.monotonic()
+            failed = {} if store.exists(self.layout.result(r)) else self._train_round(r, key)
+            result = aggregate_round(store, self.layout, r, coordinator, self.strategy,
+                                     failed=failed)  # fmt: skip
+            doc = result.document
+            loss = doc["metrics"].get("trainLoss")
+            rejected = ", ".join(f"{x['participant']} ({x['reason']})" for x in doc["rejected"])
+            console.print(
+                f"round {r}: [{'green' if doc['outcome'] == 'Succeeded' else 'red'}]"
+                f"{doc['outcome']}[/] — {doc['message']}"
+                + (f", train loss {loss:.3f}" if isinstance(loss, float) else "")
+                + (f", rejected: {rejected}" if rejected else "")
+                + f" [{time.monotonic() - round_started:.0f}s]"
+            )
+            if doc["nextBase"] is not None:
+                base = read_model(store, self.layout, doc["nextBase"]["manifest"], key)
+            del plan
+        report = self._report(store, base)
+        report["seconds"] = round(time.monotonic() - started, 1)
+        (self.workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"done in {report['seconds']:.0f}s; summary in {self.workdir / 'summary.json'}")
+        return 0
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def _baselines(self) -> dict[str, Path]:
+        """Train every local-only model in parallel processes (same compute as a member)."""
+        out = {p.name: self.workdir / "local-only" / p.name / "model.safetensors" for p in self.people}
+        todo = [p for p in self.people if not out[p.name].exists()]
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(todo)))
+        procs = []
+        with console.status(f"training {len(todo)} local-only baselines with the same compute"):
+            for p in todo:
+                out[p.name].parent.mkdir(parents=True, exist_ok=True)
+                log = (out[p.name].parent / "train.log").open("wb")
+                procs.append((p, log, subprocess.Popen([
+                    sys.executable, "-m", "tapestry_trainer.baseline",
+                    "--model", json.dumps(self.spec.to_dict()),
+                    "--hyperparameters", json.dumps(self.config.to_dict()),
+                    "--rounds", str(self.args.rounds), "--data", str(p.data),
+                    "--out", str(out[p.name]), "--threads", str(threads),
+                ], stdout=log, stderr=subprocess.STDOUT)))  # fmt: skip
+            for p, log, proc in procs:
+                proc.wait()
+                log.close()
+                if proc.returncode != 0:
+                    raise LocalRunError(
+                        f"local-only training of {p.name} failed; see {log.name}"
+                    )
+        return out
+
+    def _report(self, store: Any, base: Any) -> dict[str, Any]:
+        from tapestry_protocol.exchange import load_tensors
+        from tapestry_trainer.baseline import evaluate_arrays, load_arrays
+
+        models: dict[str, Any] = {"shared (federated)": load_tensors(store, base)}
+        if not self.args.no_baseline:
+            for name, path in self._baselines().items():
+                models[f"local-only {name}"] = load_arrays(path)
+        losses: dict[str, dict[str, float]] = {}
+        with console.status("evaluating every model on every participant's held-out data"):
+            for label, arrays in models.items():
+                losses[label] = {
+                    p.name: evaluate_arrays(self.spec, arrays, str(p.data), self.config)
+                    for p in self.people
+                }
+        averages = {label: sum(v.values()) / len(v) for label, v in losses.items()}
+        table = Table(title="validation loss (nats/byte) on each participant's held-out data")
+        table.add_column("model")
+        for p in self.people:
+            table.add_column(p.name, justify="right")
+        table.add_column("average", justify="right")
+        best = min(averages.values())
+        for label, row in losses.items():
+            average = f"{averages[label]:.3f}"
+            table.add_row(
+                label,
+                *(f"{row[p.name]:.3f}" for p in self.people),
+                f"[bold green]{average}[/]" if averages[label] == best else average,
+            )
+        console.print(table)
+        shared = averages["shared (federated)"]
+        others = {k: v for k, v in averages.items() if k != "shared (federated)"}
+        wins = all(shared < v for v in others.values())
+        if others:
+            console.print(
+                "the shared model "
+                + ("[bold green]beats[/]" if wins else "[bold red]does not beat[/]")
+                + " every local-only model on the average over all participants' data"
+            )
+        return {"losses": losses, "averages": averages, "sharedBeatsLocalOnly": wins}

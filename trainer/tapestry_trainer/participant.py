@@ -1,0 +1,215 @@
+"""One participant's share of a round: the torchrun entry point of the training pod.
+
+    torchrun --nnodes N --nproc-per-node G -m tapestry_trainer.participant \\
+        --store s3://bucket?endpoint=... --federation F --round R --name NAME \\
+        --key /var/run/tapestry/key --coordinator-key ed25519:... --data /data
+
+Rank 0 reads and verifies the signed plan and the base (signature, hash, every shard),
+every rank builds the model the plan names, rank 0's base weights reach the others
+through DDP, all ranks train H inner steps on this participant's data, and rank 0
+computes `delta = base - local`, uploads the shards, then the signed manifest.
+Every option also reads from a `TAPESTRY_*` environment variable, which is how the
+operator configures the pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from tapestry_protocol.exchange import (
+    Verified,
+    load_tensors,
+    publish_update,
+    read_plan,
+    read_plan_base,
+)
+from tapestry_protocol.layout import Layout
+from tapestry_protocol.rejections import Rejected
+from tapestry_protocol.shards import FloatArray
+from tapestry_protocol.signing import load_signing_key
+from tapestry_protocol.store import StoreError, open_store
+from tapestry_trainer import plugins
+from tapestry_trainer.data import LoaderContext
+from tapestry_trainer.inner import (
+    DistContext,
+    StepInfo,
+    init_distributed,
+    load_state_arrays,
+    micro_batch_size,
+    shutdown_distributed,
+    state_arrays,
+    train_inner,
+)
+from tapestry_trainer.specs import InnerConfig, ModelSpec, SpecError
+
+
+class ParticipantError(Exception):
+    """Why this participant cannot take part in the round, in words for the log."""
+
+
+def compute_delta(base: dict[str, FloatArray], local: dict[str, FloatArray]) -> dict[str, FloatArray]:
+    """The pseudo-gradient `base - local`: it points uphill, like a gradient, so the
+    outer optimizer *subtracts* it (new = base - lr * delta)."""
+    if base.keys() != local.keys():
+        missing = sorted(base.keys() ^ local.keys())[:3]
+        raise ParticipantError(f"the model's tensors differ from the base's: {missing}")
+    return {name: (base[name] - local[name]).astype(np.float32) for name in base}
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"TAPESTRY_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tapestry_trainer.participant",
+                                description=__doc__.splitlines()[0])  # fmt: skip
+    p.add_argument("--store", default=_env("STORE"), help="object store URL")
+    p.add_argument("--federation", default=_env("FEDERATION"))
+    p.add_argument("--round", type=int, default=_env("ROUND"))
+    p.add_argument("--name", default=_env("PARTICIPANT"), help="this participant's name")
+    p.add_argument("--key", type=Path, default=_env("KEY"), help="signing key file or Secret dir")
+    p.add_argument("--coordinator-key", default=_env("COORDINATOR_KEY"),
+                   help="coordinator public key, ed25519:...")  # fmt: skip
+    p.add_argument("--data", default=_env("DATA"), help="token shard directory")
+    p.add_argument("--loader", default=_env("LOADER"), help="plug-in loader module:function")
+    p.add_argument("--workdir", type=Path, default=Path(_env("WORKDIR", "/tmp/tapestry") or "."),
+                   help="local checkpoints (an emptyDir or PVC in a pod)")  # fmt: skip
+    p.add_argument("--progress", type=Path, default=_env("PROGRESS"),
+                   help="append one JSON line per step here (for the local runner)")  # fmt: skip
+    return p
+
+
+def _require(args: argparse.Namespace) -> None:
+    missing = [
+        f"--{name.replace('_', '-')}"
+        for name in ("store", "federation", "round", "name", "key", "coordinator_key", "data")
+        if getattr(args, name) in (None, "")
+    ]
+    if missing:
+        raise ParticipantError(f"missing {', '.join(missing)} (or their TAPESTRY_* variables)")
+
+
+def _fetch(args: argparse.Namespace) -> tuple[Any, Layout, Verified, Verified, dict[str, Any]]:
+    """Rank 0: open the store, verify plan and base, load the base weights."""
+    try:
+        store = open_store(args.store)
+        layout = Layout(args.federation)
+        plan = read_plan(store, layout, args.round, args.coordinator_key)
+        names = {p["name"] for p in plan.document["participants"]}
+        if args.name not in names:
+            raise ParticipantError(
+                f"{args.name!r} is not a participant of round {args.round} ({sorted(names)})"
+            )
+        base = read_plan_base(store, layout, plan, args.coordinator_key)
+        arrays = load_tensors(store, base)
+    except Rejected as e:
+        raise ParticipantError(f"refusing round {args.round}: {e}") from None
+    except (StoreError, ValueError) as e:
+        raise ParticipantError(f"cannot read round {args.round} from {args.store}: {e}") from None
+    return store, layout, plan, base, arrays
+
+
+def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
+    """The whole share of the round; returns the upload summary on rank 0."""
+    fetched, failure = None, None
+    if ctx.is_main:
+        try:
+            fetched = _fetch(args)
+        except ParticipantError as e:
+            failure = str(e)
+    # Rank 0 tells the others the plan, or that there is none, so nobody waits forever.
+    shared: list[Any] = [fetched[2].document if fetched else {"error": failure}]
+    if ctx.distributed:
+        dist.broadcast_object_list(shared, src=0)
+    plan_document: dict[str, Any] = shared[0]
+    if "error" in plan_document:
+        raise ParticipantError(plan_document["error"] or "rank 0 could not read the round")
+    try:
+        spec = ModelSpec.from_dict(plan_document["model"])
+        config = InnerConfig.from_dict(plan_document["hyperparameters"])
+    except (SpecError, KeyError, TypeError) as e:
+        raise ParticipantError(f"the plan's model or hyperparameters are unusable: {e}") from None
+    model = plugins.build_model(spec)
+    if fetched is not None:
+        load_state_arrays(model, fetched[4])
+    loader = plugins.build_loader(
+        LoaderContext(
+            data=args.data,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            micro_batch_size=micro_batch_size(config, ctx),
+            seq_len=config.seq_len,
+            seed=config.seed,
+        ),
+        args.loader,
+    )
+    progress = args.progress if ctx.is_main else None
+
+    def on_step(info: StepInfo) -> None:
+        if progress is not None:
+            with progress.open("a") as f:
+                f.write(json.dumps({"step": info.step, "of": config.steps, "loss": info.loss}))
+                f.write("\n")
+
+    run_id = f"{args.federation}/{args.round}/{args.name}"
+    checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
+    result = train_inner(model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id,
+                         on_step=on_step)  # fmt: skip
+    if fetched is None:
+        return None
+    store, layout, plan, base, base_arrays = fetched
+    delta = compute_delta(base_arrays, state_arrays(model))
+    signer = load_signing_key(args.name, args.key)
+    started = time.perf_counter()
+    update = publish_update(
+        store, layout, plan, base, delta, signer, tokens=result.tokens,
+        metrics={**result.to_dict(), "trainLoss": result.mean_loss,
+                 "worldSize": ctx.world_size},
+    )  # fmt: skip
+    summary = {
+        "event": "uploaded",
+        "manifest": update.key,
+        "tokens": result.tokens,
+        "trainLoss": result.mean_loss,
+        "tokensPerSecond": result.tokens_per_s,
+        "bytesUploaded": update.document["metrics"]["bytesUploaded"],
+        "uploadSeconds": round(time.perf_counter() - started, 3),
+    }
+    if progress is not None:
+        with progress.open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _require(args)
+        ctx = init_distributed()
+    except ParticipantError as e:
+        print(f"tapestry participant: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(args, ctx)
+        if summary is not None:
+            print(json.dumps(summary), flush=True)
+        return 0
+    except ParticipantError as e:
+        print(f"tapestry participant {args.name}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
