@@ -61,12 +61,22 @@ def setup(url: str, participants: int, model_mib: int, shard_mib: int, workdir: 
     groups = plan_shards([(n, v.nbytes) for n, v in tensors.items()], shard_mib << 20)
     base = publish_model(store, layout, 0, tensors, groups, coordinator)
     keys = {f"p{i:02d}": SigningKey.generate(f"p{i:02d}") for i in range(participants)}
-    plan = publish_plan(store, layout, make_plan(
-        layout, 0, base, model={}, participants={n: k.public_key_text for n, k in keys.items()},
-        hyperparameters={"innerSteps": 1, "learningRate": 1.0, "batchSize": 1, "seqLen": 1},
-        min_participants=1, deadline="2030-01-01T00:00:00Z",
-    ), coordinator)  # fmt: skip
-    for i, (name, key) in enumerate(sorted(keys.items())):
+    plan = publish_plan(
+        store,
+        layout,
+        make_plan(
+            layout,
+            0,
+            base,
+            model={},
+            participants={n: k.public_key_text for n, k in keys.items()},
+            hyperparameters={"innerSteps": 1, "learningRate": 1.0, "batchSize": 1, "seqLen": 1},
+            min_participants=1,
+            deadline="2030-01-01T00:00:00Z",
+        ),
+        coordinator,
+    )
+    for i, (_, key) in enumerate(sorted(keys.items())):
         delta = {n: v * np.float32(0.01 * (i + 1)) for n, v in tensors.items()}
         publish_update(store, layout, plan, base, delta, key, tokens=1000 + i, metrics={})
 
@@ -110,13 +120,17 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
             tensors: dict[str, np.ndarray] = {}
             for ref in update.shards:
                 data = fetch_shard(store, update.directory, ref)
-                tensors.update({k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()})
+                tensors.update(
+                    {k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()}
+                )
             deltas[name] = tensors
         weights = compute_weights({n: u.document["tokens"] for n, u in updates.items()})
         base_tensors: dict[str, np.ndarray] = {}
         for ref in base.shards:
             data = fetch_shard(store, base.directory, ref)
-            base_tensors.update({k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()})
+            base_tensors.update(
+                {k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()}
+            )
         new = {
             t: value - sum(np.float32(weights[n]) * deltas[n][t] for n in deltas)
             for t, value in base_tensors.items()
@@ -132,8 +146,10 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
 def _child(kind: str, url: str, workdir: Path) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--measure", kind, "--url", url, "--workdir", str(workdir)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -173,13 +189,18 @@ def main() -> None:
                     url = str(tmp / "store")
                 else:
                     url, server = _start_minio(tmp)
-                print(f"[{store_kind} N={n}] writing {n} deltas of {args.model_mib} MiB", flush=True)
+                print(
+                    f"[{store_kind} N={n}] writing {n} deltas of {args.model_mib} MiB", flush=True
+                )
                 setup(url, n, args.model_mib, args.shard_mib, tmp)
                 row: dict[str, Any] = {"store": store_kind, "participants": n}
                 for kind in ("read", "streaming", "naive"):
                     row[kind] = _child(kind, url, tmp)
-                    print(f"  {kind:9s} {row[kind]['seconds']:7.2f} s "
-                          f"{row[kind]['peakRssMiB']:8.0f} MiB", flush=True)  # fmt: skip
+                    print(
+                        f"  {kind:9s} {row[kind]['seconds']:7.2f} s "
+                        f"{row[kind]['peakRssMiB']:8.0f} MiB",
+                        flush=True,
+                    )
                 row["streamingOverRead"] = row["streaming"]["seconds"] / row["read"]["seconds"]
                 row["rssTargetMiB"] = args.model_mib + 512
                 rows.append(row)

@@ -62,9 +62,9 @@ class MergeStats:
     delta_norms: dict[str, float] = field(default_factory=dict)
 
 
-def read_result(store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str) -> (
-    Verified
-):
+def read_result(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> Verified:
     key = layout.result(round_number)
     document, digest = read_document(store, key, "RoundResult")
     documents.check_identity(document, key, federation=layout.federation, round_number=round_number)
@@ -122,9 +122,19 @@ def aggregate_round(
         )
         try:
             next_base, next_state = _merge(
-                store, layout, round_number, base, state, accepted, weights, strategy,
-                signer, stats, prefetch, progress,
-            )  # fmt: skip
+                store,
+                layout,
+                round_number,
+                base,
+                state,
+                accepted,
+                weights,
+                strategy,
+                signer,
+                stats,
+                prefetch,
+                progress,
+            )
             break
         except _Rejection as r:
             rejected[r.participant] = (r.reason, r.message)
@@ -187,10 +197,7 @@ def _ref(model: Verified | None) -> dict[str, str] | None:
 def _round_metrics(
     accepted: dict[str, Verified], weights: dict[str, float], stats: MergeStats, started: float
 ) -> dict[str, float | str | None]:
-    losses = [
-        (weights[n], u.document["metrics"].get("trainLoss"))
-        for n, u in accepted.items()
-    ]
+    losses = [(weights[n], u.document["metrics"].get("trainLoss")) for n, u in accepted.items()]
     known = [(w, loss) for w, loss in losses if isinstance(loss, int | float)]
     return {
         "participants": len(accepted),
@@ -278,15 +285,22 @@ def _merge(
                 )
                 group = list(base_refs[shard].tensors)
                 out_base.append(
-                    upload_shard(store, layout.base_dir(round_number + 1), shard, new, group,
-                                 "fp32")
-                )  # fmt: skip
+                    upload_shard(
+                        store, layout.base_dir(round_number + 1), shard, new, group, "fp32"
+                    )
+                )
                 if strategy.slots:
                     slots = [f"{s}/{t}" for s in strategy.slots for t in group]
                     out_state.append(
-                        upload_shard(store, layout.optimizer_dir(round_number + 1), shard,
-                                     new_state, slots, "fp32")
-                    )  # fmt: skip
+                        upload_shard(
+                            store,
+                            layout.optimizer_dir(round_number + 1),
+                            shard,
+                            new_state,
+                            slots,
+                            "fp32",
+                        )
+                    )
                 stats.shards += 1
                 if progress:
                     progress("merge", shard + 1, len(base_refs))
@@ -322,7 +336,9 @@ def _step_shard(
     new: dict[str, FloatArray] = {}
     new_state: dict[str, FloatArray] = {}
     for tensor in current:
-        slots = {s: previous[f"{s}/{tensor}"] for s in strategy.slots if f"{s}/{tensor}" in previous}
+        slots = {
+            s: previous[f"{s}/{tensor}"] for s in strategy.slots if f"{s}/{tensor}" in previous
+        }
         new[tensor], stepped = outer_step(strategy, current[tensor], grad[tensor], slots)
         for s, values in stepped.items():
             new_state[f"{s}/{tensor}"] = values

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from tapestry_protocol.shards import FloatArray
 
 OPTIMIZERS = ("fedavg", "diloco", "fedadam")

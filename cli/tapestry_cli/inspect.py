@@ -57,13 +57,13 @@ def list_rounds(store: ObjectStore, federation: str, coordinator_key: str | None
     for column in ("round", "plan", "updates", "outcome", "accepted", "rejected", "train loss"):
         table.add_column(column)
     for r in rounds:
-        plan, plan_verdict = _load(store, layout.plan(r), "RoundPlan", COORDINATOR,
-                                   coordinator_key)  # fmt: skip
+        plan, plan_verdict = _load(store, layout.plan(r), "RoundPlan", COORDINATOR, coordinator_key)
         updates = sum(
             1 for k in keys if k.startswith(layout.updates_prefix(r)) and k.endswith(MANIFEST)
         )
-        result, verdict = _load(store, layout.result(r), "RoundResult", COORDINATOR,
-                                coordinator_key)  # fmt: skip
+        result, verdict = _load(
+            store, layout.result(r), "RoundResult", COORDINATOR, coordinator_key
+        )
         expected = len(plan["participants"]) if plan else "?"
         table.add_row(
             str(r),
@@ -81,8 +81,9 @@ def show_round(
     store: ObjectStore, federation: str, round_number: int, coordinator_key: str | None
 ) -> None:
     layout = Layout(federation)
-    plan, plan_verdict = _load(store, layout.plan(round_number), "RoundPlan", COORDINATOR,
-                               coordinator_key)  # fmt: skip
+    plan, plan_verdict = _load(
+        store, layout.plan(round_number), "RoundPlan", COORDINATOR, coordinator_key
+    )
     if plan is None:
         console.print(f"round {round_number} of {federation!r} has no plan ({plan_verdict})")
         return
@@ -92,8 +93,9 @@ def show_round(
         f"{hp['innerSteps']} inner steps, lr {hp['learningRate']}, encoding {plan['encoding']}, "
         f"quorum {plan['minParticipants']}, deadline {plan['deadline']}"
     )
-    result, verdict = _load(store, layout.result(round_number), "RoundResult", COORDINATOR,
-                            coordinator_key)  # fmt: skip
+    result, verdict = _load(
+        store, layout.result(round_number), "RoundResult", COORDINATOR, coordinator_key
+    )
     accepted = {a["participant"]: a for a in result["accepted"]} if result else {}
     rejected = {r["participant"]: r for r in result["rejected"]} if result else {}
     table = Table()
@@ -102,9 +104,12 @@ def show_round(
     keys = {p["name"]: p["publicKey"] for p in plan["participants"]}
     for name in sorted(keys):
         manifest, update_verdict = _load(
-            store, layout.update_manifest(round_number, name), "UpdateManifest", name,
+            store,
+            layout.update_manifest(round_number, name),
+            "UpdateManifest",
+            name,
             keys[name] if coordinator_key else None,
-        )  # fmt: skip
+        )
         metrics = manifest["metrics"] if manifest else {}
         if name in accepted:
             outcome = f"[green]accepted[/] weight {accepted[name]['weight']:.3f}"

@@ -52,9 +52,13 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--outer-lr", type=float, default=None, help="default per optimizer")
     run.add_argument("--encoding", default="fp32", choices=["fp32", "bf16", "int8"])
     run.add_argument("--nproc-per-participant", type=int, default=1, help="torchrun processes")
-    run.add_argument("--data", type=Path, default=None,
-                     help="your own data: one sub-folder of .txt files per participant "
-                          "(default: the multilingual demo corpus)")  # fmt: skip
+    run.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="your own data: one sub-folder of .txt files per participant "
+        "(default: the multilingual demo corpus)",
+    )
     run.add_argument("--store", default=None, help="store URL (default: WORKDIR/store)")
     run.add_argument("--federation", default="local")
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -74,31 +78,27 @@ class Participant:
     task: TaskID | None = None
 
 
-def _fail(message: str) -> int:
-    console.print(f"[red]error:[/] {message}")
-    return 2
-
-
 def _participants(args: argparse.Namespace, workdir: Path) -> list[Participant]:
     if args.data is not None:
         if not args.data.is_dir():
             raise FileNotFoundError(f"--data {args.data} is not a directory")
-        folders = sorted(p for p in args.data.iterdir() if p.is_dir())
-        if len(folders) < args.participants:
+        subfolders = sorted(p for p in args.data.iterdir() if p.is_dir())
+        if len(subfolders) < args.participants:
             raise FileNotFoundError(
-                f"--data {args.data} has {len(folders)} sub-folders; "
+                f"--data {args.data} has {len(subfolders)} sub-folders; "
                 f"{args.participants} participants need one each"
             )
-        return [Participant(f.name, f) for f in folders[: args.participants]]
+        return [Participant(f.name, f) for f in subfolders[: args.participants]]
     from tapestry_trainer.corpus import PACKAGES, prepare_demo_corpus
 
-    languages = sorted(PACKAGES)
+    languages = ["de", "es", "it", "en"]  # the largest corpora first
+    assert set(languages) == set(PACKAGES)
     if args.participants > len(languages):
         raise FileNotFoundError(
             f"the demo corpus has {len(languages)} languages ({', '.join(languages)}); "
             f"use --participants <= {len(languages)} or --data"
         )
-    chosen = ["de", "es", "it", "en"][: args.participants]
+    chosen = languages[: args.participants]
     with console.status("fetching the demo corpus (cached after the first run)"):
         folders = prepare_demo_corpus(workdir / "corpus", chosen)
     return [Participant(lang, folders[lang]) for lang in chosen]
@@ -122,6 +122,22 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
 
+def failure_reason(log: str, limit: int = 600) -> str:
+    """The line of a participant's log that says why it failed.
+
+    torchrun closes a failed run with its own summary, so the last lines are rarely
+    the cause: prefer the participant's own error line, then the last exception."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("tapestry participant"):
+            return line[:limit]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line[:limit]
+    return " | ".join(lines[-5:])[-limit:]
+
+
 class LocalRunError(Exception):
     """The local federation cannot go on; the message says why."""
 
@@ -140,9 +156,13 @@ class Federation:
         self.layout = Layout(args.federation)
         self.spec = ModelSpec.preset(args.preset, seed=0)
         self.config = InnerConfig(
-            steps=args.inner_steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-            warmup_steps=max(1, args.inner_steps // 10), checkpoint_every=10,
-        )  # fmt: skip
+            steps=args.inner_steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            warmup_steps=max(1, args.inner_steps // 10),
+            checkpoint_every=10,
+        )
         self.strategy = Strategy(args.optimizer, learning_rate=args.outer_lr)
         self.store_url = args.store or str(workdir / "store")
         self.threads = max(1, (os.cpu_count() or 1) // (len(people) * args.nproc_per_participant))
@@ -189,8 +209,9 @@ class Federation:
         if not store.exists(key):
             arrays = initial_arrays(self.spec)
             groups = plan_shards([(n, a.nbytes) for n, a in arrays.items()], DEFAULT_SHARD_BYTES)
-            publish_model(store, self.layout, 0, arrays, groups, coordinator,
-                          model=self.spec.to_dict())  # fmt: skip
+            publish_model(
+                store, self.layout, 0, arrays, groups, coordinator, model=self.spec.to_dict()
+            )
         return read_model(store, self.layout, key, coordinator.public_key_text)
 
     # -- rounds -----------------------------------------------------------------------
@@ -201,12 +222,16 @@ class Federation:
 
         keys = {p.name: self._public_key(p.name) for p in self.people}
         plan = make_plan(
-            self.layout, round_number, base, model=self.spec.to_dict(),
-            hyperparameters=self.config.to_dict(), participants=keys,
+            self.layout,
+            round_number,
+            base,
+            model=self.spec.to_dict(),
+            hyperparameters=self.config.to_dict(),
+            participants=keys,
             min_participants=max(1, (len(self.people) + 1) // 2),
             deadline=(datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             encoding=self.args.encoding,
-        )  # fmt: skip
+        )
         try:
             return publish_plan(store, self.layout, plan, coordinator)
         except ObjectExists:  # a re-run: the round was planned before
@@ -222,15 +247,32 @@ class Federation:
         p.progress_file = logs / f"{p.name}.progress"
         p.progress_file.unlink(missing_ok=True)
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
             f"--nproc-per-node={self.args.nproc_per_participant}",
-            "-m", "tapestry_trainer.participant",
-            "--store", self.store_url, "--federation", self.layout.federation,
-            "--round", str(round_number), "--name", p.name,
-            "--key", str(self.workdir / "keys" / f"{p.name}.key"),
-            "--coordinator-key", coordinator_key, "--data", str(p.data),
-            "--workdir", str(self.workdir), "--progress", str(p.progress_file),
-        ]  # fmt: skip
+            "-m",
+            "tapestry_trainer.participant",
+            "--store",
+            self.store_url,
+            "--federation",
+            self.layout.federation,
+            "--round",
+            str(round_number),
+            "--name",
+            p.name,
+            "--key",
+            str(self.workdir / "keys" / f"{p.name}.key"),
+            "--coordinator-key",
+            coordinator_key,
+            "--data",
+            str(p.data),
+            "--workdir",
+            str(self.workdir),
+            "--progress",
+            str(p.progress_file),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         with p.log_file.open("wb") as log:
             p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -253,9 +295,13 @@ class Federation:
         """Run every participant; returns the failed ones with their log tails."""
         failed: dict[str, str] = {}
         with Progress(
-            TextColumn("  {task.description:>14}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=console, transient=True,
-        ) as bars:  # fmt: skip
+            TextColumn("  {task.description:>14}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bars:
             for p in self.people:
                 self._launch(p, round_number, coordinator_key)
                 p.task = bars.add_task(p.name, total=self.config.steps, info="starting")
@@ -263,20 +309,20 @@ class Federation:
                 for p in self.people:
                     last = self._last_progress(p)
                     if "step" in last and p.task is not None:
-                        bars.update(p.task, completed=last["step"],
-                                    info=f"loss {last['loss']:.3f}")  # fmt: skip
+                        bars.update(p.task, completed=last["step"], info=f"loss {last['loss']:.3f}")
                     elif last.get("event") == "uploaded" and p.task is not None:
                         bars.update(p.task, completed=self.config.steps, info="uploaded")
                 time.sleep(0.3)
         for p in self.people:
             assert p.process is not None
             if p.process.returncode != 0:
-                tail = p.log_file.read_text(errors="replace").strip().splitlines()[-8:]
-                failed[p.name] = f"exit code {p.process.returncode}: " + " | ".join(tail)[-600:]
-                console.print(f"  [red]{p.name} failed[/] (exit {p.process.returncode}); "
-                              f"log {p.log_file}:")  # fmt: skip
-                for line in tail:
-                    console.print(f"    {line}", markup=False, highlight=False)
+                reason = failure_reason(p.log_file.read_text(errors="replace"))
+                failed[p.name] = f"exit code {p.process.returncode}: {reason}"
+                console.print(
+                    f"  [red]{p.name} failed[/] (exit {p.process.returncode}): "
+                    f"{reason}\n  full log: {p.log_file}",
+                    highlight=False,
+                )
         return failed
 
     def run(self) -> int:
@@ -303,8 +349,9 @@ class Federation:
             plan = self._plan(store, coordinator, r, base)
             round_started = time.monotonic()
             failed = {} if store.exists(self.layout.result(r)) else self._train_round(r, key)
-            result = aggregate_round(store, self.layout, r, coordinator, self.strategy,
-                                     failed=failed)  # fmt: skip
+            result = aggregate_round(
+                store, self.layout, r, coordinator, self.strategy, failed=failed
+            )
             doc = result.document
             loss = doc["metrics"].get("trainLoss")
             rejected = ", ".join(f"{x['participant']} ({x['reason']})" for x in doc["rejected"])
@@ -321,14 +368,18 @@ class Federation:
         report = self._report(store, base)
         report["seconds"] = round(time.monotonic() - started, 1)
         (self.workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"done in {report['seconds']:.0f}s; summary in {self.workdir / 'summary.json'}")
+        console.print(
+            f"done in {report['seconds']:.0f}s; summary in {self.workdir / 'summary.json'}"
+        )
         return 0
 
     # -- evaluation -------------------------------------------------------------------
 
     def _baselines(self) -> dict[str, Path]:
         """Train every local-only model in parallel processes (same compute as a member)."""
-        out = {p.name: self.workdir / "local-only" / p.name / "model.safetensors" for p in self.people}
+        out = {
+            p.name: self.workdir / "local-only" / p.name / "model.safetensors" for p in self.people
+        }
         todo = [p for p in self.people if not out[p.name].exists()]
         threads = max(1, (os.cpu_count() or 1) // max(1, len(todo)))
         procs = []
@@ -336,20 +387,38 @@ class Federation:
             for p in todo:
                 out[p.name].parent.mkdir(parents=True, exist_ok=True)
                 log = (out[p.name].parent / "train.log").open("wb")
-                procs.append((p, log, subprocess.Popen([
-                    sys.executable, "-m", "tapestry_trainer.baseline",
-                    "--model", json.dumps(self.spec.to_dict()),
-                    "--hyperparameters", json.dumps(self.config.to_dict()),
-                    "--rounds", str(self.args.rounds), "--data", str(p.data),
-                    "--out", str(out[p.name]), "--threads", str(threads),
-                ], stdout=log, stderr=subprocess.STDOUT)))  # fmt: skip
+                procs.append(
+                    (
+                        p,
+                        log,
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                "-m",
+                                "tapestry_trainer.baseline",
+                                "--model",
+                                json.dumps(self.spec.to_dict()),
+                                "--hyperparameters",
+                                json.dumps(self.config.to_dict()),
+                                "--rounds",
+                                str(self.args.rounds),
+                                "--data",
+                                str(p.data),
+                                "--out",
+                                str(out[p.name]),
+                                "--threads",
+                                str(threads),
+                            ],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        ),
+                    )
+                )
             for p, log, proc in procs:
                 proc.wait()
                 log.close()
                 if proc.returncode != 0:
-                    raise LocalRunError(
-                        f"local-only training of {p.name} failed; see {log.name}"
-                    )
+                    raise LocalRunError(f"local-only training of {p.name} failed; see {log.name}")
         return out
 
     def _report(self, store: Any, base: Any) -> dict[str, Any]:

@@ -11,8 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from tapestry_protocol.store import ObjectStore
 
 console = Console(stderr=True)
 STORE_HELP = "object store: a directory, file:///path, or s3://bucket/prefix?endpoint=URL"
@@ -112,7 +116,7 @@ def coordinator_public_key(value: str | None) -> str | None:
     return value
 
 
-def _open(args: argparse.Namespace) -> object:
+def _open(args: argparse.Namespace) -> ObjectStore:
     from tapestry_protocol.store import StoreError, open_store
 
     try:
@@ -160,7 +164,7 @@ def _aggregate(args: argparse.Namespace) -> int:
     store = _open(args)
     keep_freed_memory()
     try:
-        result = aggregate_round(store, layout, args.round, signer, strategy)  # type: ignore[arg-type]
+        result = aggregate_round(store, layout, args.round, signer, strategy)
     except Rejected as e:
         raise UsageError(f"round {args.round} cannot be aggregated: {e}") from None
     summary = result_summary(result)

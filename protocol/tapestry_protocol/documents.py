@@ -48,9 +48,11 @@ def parse_time(value: str) -> datetime:
 
 @cache
 def schema(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
-    text = resources.files("tapestry_protocol").joinpath(
-        f"schemas/{KINDS[kind]}.v{version}.json"
-    ).read_text()
+    text = (
+        resources.files("tapestry_protocol")
+        .joinpath(f"schemas/{KINDS[kind]}.v{version}.json")
+        .read_text()
+    )
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

@@ -203,10 +203,10 @@ def encode_delta(name: str, delta: FloatArray, encoding: str) -> dict[str, Tenso
         blocks = -(-flat.size // INT8_BLOCK)
         padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
         padded[: flat.size] = flat
-        padded = padded.reshape(blocks, INT8_BLOCK)
-        scale = np.abs(padded).max(axis=1) / 127.0
+        rows = padded.reshape(blocks, INT8_BLOCK)
+        scale = np.abs(rows).max(axis=1) / 127.0
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8)
+        q = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8)
         return {
             name: Tensor("I8", q.reshape(-1)[: flat.size].reshape(delta.shape)),
             name + SCALE_SUFFIX: Tensor("F32", scale.astype(np.float32)),
@@ -235,7 +235,7 @@ def decode_delta(stored: Mapping[str, Tensor], name: str, encoding: str) -> Floa
             raise ValueError(f"{name}: expected {blocks} int8 block scales")
         padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
         padded[: flat.size] = flat
-        out = (padded.reshape(blocks, INT8_BLOCK) * scale.array[:, None]).reshape(-1)
+        out: FloatArray = (padded.reshape(blocks, INT8_BLOCK) * scale.array[:, None]).reshape(-1)
         return out[: flat.size].reshape(tensor.array.shape)
     raise ValueError(f"unknown encoding {encoding!r}")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tapestry_aggregator.merge import aggregate_round
 from tapestry_aggregator.strategy import Strategy, compute_weights
 from tapestry_protocol import rejections
@@ -20,7 +21,6 @@ from tapestry_protocol.exchange import (
 )
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.store.filesystem import FilesystemStore
-
 from tests.protocol.federation import HYPERPARAMETERS, Federation, make_federation
 
 PEOPLE = ("alice", "bob", "carol")
@@ -28,17 +28,28 @@ PEOPLE = ("alice", "bob", "carol")
 
 def _fed(tmp_path: Path, **kwargs: object) -> Federation:
     return make_federation(
-        FilesystemStore(tmp_path / "store", create=True), participants=PEOPLE, **kwargs  # type: ignore[arg-type]
+        FilesystemStore(tmp_path / "store", create=True),
+        participants=PEOPLE,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
-def _submit(fed: Federation, round_number: int, plan: Verified, base: Verified,
-            tokens: dict[str, int]) -> dict[str, dict[str, FloatArray]]:  # fmt: skip
+def _submit(
+    fed: Federation, round_number: int, plan: Verified, base: Verified, tokens: dict[str, int]
+) -> dict[str, dict[str, FloatArray]]:
     deltas = {}
     for i, who in enumerate(sorted(tokens)):
         deltas[who] = fed.delta(scale=0.1, seed=100 * round_number + i)
-        publish_update(fed.store, fed.layout, plan, base, deltas[who], fed.participants[who],
-                       tokens=tokens[who], metrics={"trainLoss": 1.0 + i})  # fmt: skip
+        publish_update(
+            fed.store,
+            fed.layout,
+            plan,
+            base,
+            deltas[who],
+            fed.participants[who],
+            tokens=tokens[who],
+            metrics={"trainLoss": 1.0 + i},
+        )
     return deltas
 
 
@@ -46,11 +57,18 @@ def _next_plan(fed: Federation, round_number: int, base: Verified) -> Verified:
     return publish_plan(
         fed.store,
         fed.layout,
-        make_plan(fed.layout, round_number, base, model={}, hyperparameters=HYPERPARAMETERS,
-                  participants={p: k.public_key_text for p, k in fed.participants.items()},
-                  min_participants=2, deadline="2030-01-01T00:00:00Z"),
+        make_plan(
+            fed.layout,
+            round_number,
+            base,
+            model={},
+            hyperparameters=HYPERPARAMETERS,
+            participants={p: k.public_key_text for p, k in fed.participants.items()},
+            min_participants=2,
+            deadline="2030-01-01T00:00:00Z",
+        ),
         fed.coordinator,
-    )  # fmt: skip
+    )
 
 
 def _reference(
@@ -160,19 +178,39 @@ def test_bad_deltas_are_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
     _corrupt_first_shard(fed, "alice")
     nan = fed.delta(seed=7)
     nan[sorted(nan)[-1]][0] = np.nan  # in the last shard: found mid-stream
-    publish_update(fed.store, fed.layout, fed.plan, fed.base, nan, fed.participants["bob"],
-                   tokens=tokens["bob"], metrics={})  # fmt: skip
+    publish_update(
+        fed.store,
+        fed.layout,
+        fed.plan,
+        fed.base,
+        nan,
+        fed.participants["bob"],
+        tokens=tokens["bob"],
+        metrics={},
+    )
     deltas["carol"] = fed.delta(seed=9)
-    publish_update(fed.store, fed.layout, fed.plan, fed.base, deltas["carol"],
-                   fed.participants["carol"], tokens=30, metrics={})  # fmt: skip
+    publish_update(
+        fed.store,
+        fed.layout,
+        fed.plan,
+        fed.base,
+        deltas["carol"],
+        fed.participants["carol"],
+        tokens=30,
+        metrics={},
+    )
     result = aggregate_round(fed.store, fed.layout, 0, fed.coordinator, Strategy("fedavg"))
     doc = result.document
     assert doc["outcome"] == "Succeeded"
     assert [a["participant"] for a in doc["accepted"]] == ["carol"]
     reasons = {r["participant"]: r["reason"] for r in doc["rejected"]}
     assert reasons == {"alice": rejections.HASH_MISMATCH, "bob": rejections.NON_FINITE}
-    merged = load_tensors(fed.store, read_model(fed.store, fed.layout, doc["nextBase"]["manifest"],
-                                                fed.coordinator.public_key_text))  # fmt: skip
+    merged = load_tensors(
+        fed.store,
+        read_model(
+            fed.store, fed.layout, doc["nextBase"]["manifest"], fed.coordinator.public_key_text
+        ),
+    )
     for name, value in fed.tensors.items():
         np.testing.assert_allclose(merged[name], value - deltas["carol"][name], rtol=1e-6)
 

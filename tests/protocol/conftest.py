@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tapestry_protocol.store.filesystem import FilesystemStore
 
+from tapestry_protocol.store.filesystem import FilesystemStore
 from tests.protocol.federation import Federation, make_federation
 
 

@@ -4,9 +4,9 @@ of several shards and a signed plan."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
 from tapestry_protocol.exchange import (
     COORDINATOR,
     Verified,
@@ -18,7 +18,6 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.shards import FloatArray, plan_shards
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import ObjectStore
-from tapestry_protocol.store.filesystem import FilesystemStore
 
 HYPERPARAMETERS = {"innerSteps": 2, "learningRate": 1e-3, "batchSize": 2, "seqLen": 8}
 

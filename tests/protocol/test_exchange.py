@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from tapestry_protocol import documents, rejections
 from tapestry_protocol.exchange import (
     Verified,
@@ -26,7 +27,6 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import ObjectExists
-
 from tests.protocol.federation import HYPERPARAMETERS, Federation, make_federation
 
 
@@ -62,8 +62,9 @@ def _rewrite_manifest(fed: Federation, who: str, document: dict[str, Any]) -> No
 
 def test_base_round_trip_is_exact(fed: Federation) -> None:
     coordinator = fed.coordinator.public_key_text
-    base = read_plan_base(fed.store, fed.layout, read_plan(fed.store, fed.layout, 0, coordinator),
-                          coordinator)  # fmt: skip
+    base = read_plan_base(
+        fed.store, fed.layout, read_plan(fed.store, fed.layout, 0, coordinator), coordinator
+    )
     assert base.sha256 == fed.base.sha256
     loaded = load_tensors(fed.store, base)
     assert sorted(loaded) == sorted(fed.tensors)
@@ -162,11 +163,18 @@ def test_replay_into_another_round(fed: Federation) -> None:
     plan1 = publish_plan(
         fed.store,
         fed.layout,
-        make_plan(fed.layout, 1, fed.base, model={}, hyperparameters=HYPERPARAMETERS,
-                  participants={p: k.public_key_text for p, k in fed.participants.items()},
-                  min_participants=1, deadline="2030-01-01T00:00:00Z"),
+        make_plan(
+            fed.layout,
+            1,
+            fed.base,
+            model={},
+            hyperparameters=HYPERPARAMETERS,
+            participants={p: k.public_key_text for p, k in fed.participants.items()},
+            min_participants=1,
+            deadline="2030-01-01T00:00:00Z",
+        ),
         fed.coordinator,
-    )  # fmt: skip
+    )
     fed.store.put(fed.layout.update_manifest(1, "alice"), documents.encode(doc))
     reason = _reason(lambda: read_update(fed.store, fed.layout, plan1, fed.base, "alice"))
     assert reason == rejections.WRONG_ROUND

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import safetensors.numpy
+
 from tapestry_protocol.shards import (
     ShardFormatError,
     Tensor,
@@ -52,7 +53,7 @@ def _with_header(header: bytes, body: bytes = b"") -> bytes:
     ("data", "message"),
     [
         (b"\x01\x02", "shorter than"),
-        (_with_header(b"{}", b"") [:-1] + b"", "exceeds the file"),
+        (_with_header(b"{}", b"")[:-1] + b"", "exceeds the file"),
         (_with_header(b"[1]"), "not a JSON object"),
         (_with_header(b"{not json"), "not JSON"),
         (
@@ -90,9 +91,7 @@ def test_bf16_rounds_to_nearest_even_like_torch() -> None:
 
 
 @pytest.mark.parametrize(("encoding", "tolerance"), [("fp32", 0.0), ("bf16", 4e-3), ("int8", 1e-2)])
-def test_delta_encodings_round_trip_within_their_precision(
-    encoding: str, tolerance: float
-) -> None:
+def test_delta_encodings_round_trip_within_their_precision(encoding: str, tolerance: float) -> None:
     delta = np.random.default_rng(2).standard_normal((33, 70)).astype(np.float32)
     stored = encode_delta("w", delta, encoding)
     data = encode_safetensors(stored)

@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from tapestry_protocol import rejections
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import (

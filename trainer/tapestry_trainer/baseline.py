@@ -38,12 +38,18 @@ def train_local_only(
     model = plugins.build_model(spec)
     for r in range(rounds):
         loader = plugins.build_loader(
-            LoaderContext(data=data, rank=0, world_size=1,
-                          micro_batch_size=micro_batch_size(config, _single()),
-                          seq_len=config.seq_len, seed=config.seed)  # fmt: skip
+            LoaderContext(
+                data=data,
+                rank=0,
+                world_size=1,
+                micro_batch_size=micro_batch_size(config, _single()),
+                seq_len=config.seq_len,
+                seed=config.seed,
+            )
         )
-        train_inner(model, loader, config, checkpoint_dir=workdir / f"round-{r}",
-                    run_id=f"local-only/{r}")  # fmt: skip
+        train_inner(
+            model, loader, config, checkpoint_dir=workdir / f"round-{r}", run_id=f"local-only/{r}"
+        )
     return state_arrays(model)
 
 

@@ -36,7 +36,7 @@ from tapestry_protocol.exchange import (
 from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
-from tapestry_protocol.signing import load_signing_key
+from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import StoreError, open_store
 from tapestry_trainer import plugins
 from tapestry_trainer.data import LoaderContext
@@ -57,7 +57,9 @@ class ParticipantError(Exception):
     """Why this participant cannot take part in the round, in words for the log."""
 
 
-def compute_delta(base: dict[str, FloatArray], local: dict[str, FloatArray]) -> dict[str, FloatArray]:
+def compute_delta(
+    base: dict[str, FloatArray], local: dict[str, FloatArray]
+) -> dict[str, FloatArray]:
     """The pseudo-gradient `base - local`: it points uphill, like a gradient, so the
     outer optimizer *subtracts* it (new = base - lr * delta)."""
     if base.keys() != local.keys():
@@ -71,21 +73,33 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tapestry_trainer.participant",
-                                description=__doc__.splitlines()[0])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m tapestry_trainer.participant", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--store", default=_env("STORE"), help="object store URL")
     p.add_argument("--federation", default=_env("FEDERATION"))
     p.add_argument("--round", type=int, default=_env("ROUND"))
     p.add_argument("--name", default=_env("PARTICIPANT"), help="this participant's name")
     p.add_argument("--key", type=Path, default=_env("KEY"), help="signing key file or Secret dir")
-    p.add_argument("--coordinator-key", default=_env("COORDINATOR_KEY"),
-                   help="coordinator public key, ed25519:...")  # fmt: skip
+    p.add_argument(
+        "--coordinator-key",
+        default=_env("COORDINATOR_KEY"),
+        help="coordinator public key, ed25519:...",
+    )
     p.add_argument("--data", default=_env("DATA"), help="token shard directory")
     p.add_argument("--loader", default=_env("LOADER"), help="plug-in loader module:function")
-    p.add_argument("--workdir", type=Path, default=Path(_env("WORKDIR", "/tmp/tapestry") or "."),
-                   help="local checkpoints (an emptyDir or PVC in a pod)")  # fmt: skip
-    p.add_argument("--progress", type=Path, default=_env("PROGRESS"),
-                   help="append one JSON line per step here (for the local runner)")  # fmt: skip
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(_env("WORKDIR", "/tmp/tapestry") or "."),
+        help="local checkpoints (an emptyDir or PVC in a pod)",
+    )
+    p.add_argument(
+        "--progress",
+        type=Path,
+        default=_env("PROGRESS"),
+        help="append one JSON line per step here (for the local runner)",
+    )
     return p
 
 
@@ -99,8 +113,17 @@ def _require(args: argparse.Namespace) -> None:
         raise ParticipantError(f"missing {', '.join(missing)} (or their TAPESTRY_* variables)")
 
 
-def _fetch(args: argparse.Namespace) -> tuple[Any, Layout, Verified, Verified, dict[str, Any]]:
-    """Rank 0: open the store, verify plan and base, load the base weights."""
+def _fetch(
+    args: argparse.Namespace,
+) -> tuple[Any, Layout, Verified, Verified, dict[str, Any], SigningKey]:
+    """Rank 0: load the signing key, open the store, verify plan and base, load the base.
+
+    Everything that can be checked before training is, so a bad key or a forged plan
+    costs seconds, not a training run."""
+    try:
+        signer = load_signing_key(args.name, args.key)
+    except ValueError as e:
+        raise ParticipantError(str(e)) from None
     try:
         store = open_store(args.store)
         layout = Layout(args.federation)
@@ -116,7 +139,7 @@ def _fetch(args: argparse.Namespace) -> tuple[Any, Layout, Verified, Verified, d
         raise ParticipantError(f"refusing round {args.round}: {e}") from None
     except (StoreError, ValueError) as e:
         raise ParticipantError(f"cannot read round {args.round} from {args.store}: {e}") from None
-    return store, layout, plan, base, arrays
+    return store, layout, plan, base, arrays, signer
 
 
 def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
@@ -163,19 +186,24 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
 
     run_id = f"{args.federation}/{args.round}/{args.name}"
     checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
-    result = train_inner(model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id,
-                         on_step=on_step)  # fmt: skip
+    result = train_inner(
+        model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id, on_step=on_step
+    )
     if fetched is None:
         return None
-    store, layout, plan, base, base_arrays = fetched
+    store, layout, plan, base, base_arrays, signer = fetched
     delta = compute_delta(base_arrays, state_arrays(model))
-    signer = load_signing_key(args.name, args.key)
     started = time.perf_counter()
     update = publish_update(
-        store, layout, plan, base, delta, signer, tokens=result.tokens,
-        metrics={**result.to_dict(), "trainLoss": result.mean_loss,
-                 "worldSize": ctx.world_size},
-    )  # fmt: skip
+        store,
+        layout,
+        plan,
+        base,
+        delta,
+        signer,
+        tokens=result.tokens,
+        metrics={**result.to_dict(), "trainLoss": result.mean_loss, "worldSize": ctx.world_size},
+    )
     summary = {
         "event": "uploaded",
         "manifest": update.key,

@@ -1,0 +1,50 @@
+# Tapestry developer entry points. `make setup demo` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup testbin test test-fast demo bench lint fmt clean
+
+## setup: virtualenv with the project (editable) and every dev/test dependency
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+## testbin: build the real servers the tests run (MinIO, etcd, kube-apiserver, ...); cached
+testbin:
+	bash tests/testbin/build-minio.sh >/dev/null
+	bash tests/testbin/build-kube.sh >/dev/null
+
+## test: every test, against real MinIO, SeaweedFS and a real Kubernetes control plane
+test: setup testbin
+	$(PY) -m pytest
+
+## test-fast: unit and filesystem tests only (no servers)
+test-fast: setup
+	$(PY) -m pytest -m "not s3 and not kube"
+
+## demo: a 3-participant federation on this machine, ending in the evaluation table
+demo: setup
+	$(VENV)/bin/tapestry local run --fresh
+
+## bench: aggregation benchmark (streaming vs load-everything), results in bench/results/
+bench: setup testbin
+	$(PY) bench/aggregate.py --out bench/results/aggregate.json
+
+## lint: ruff and mypy, as CI would
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
