@@ -139,8 +139,16 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
     else:
         aggregate_round(store, layout, 0, signer, Strategy("fedavg"))
     wall = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": wall, "peakRssMiB": peak_kib / 1024}
+    return {"seconds": wall, "peakRssMiB": peak_rss_kib() / 1024}
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that over from the parent
+    through fork and exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _child(kind: str, url: str, workdir: Path) -> dict[str, float]:

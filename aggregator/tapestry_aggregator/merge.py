@@ -243,9 +243,13 @@ def _merge(
     base_refs = base.shards
     state_refs = state.shards if state is not None else None
     norms_sq = {n: 0.0 for n in names}
-    out_base: list[ShardRef] = []
-    out_state: list[ShardRef] = []
-    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+    uploads: list[tuple[Future[ShardRef], Future[ShardRef] | None]] = []
+    # Reads run `prefetch` ahead on one pool; the new shards upload on another, so
+    # writing shard i overlaps reading shard i+1. At most two uploads are in flight.
+    with (
+        ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
         for index, (participant, data) in enumerate(
             _prefetched(pool, store, base, accepted, names, prefetch)
         ):
@@ -253,57 +257,59 @@ def _merge(
             if participant == "":
                 base_ref = base_refs[shard]
                 current = decode_shard(data, base_ref, "fp32", base.directory + base_ref.name)
-                accumulator = {t: np.zeros_like(a) for t, a in current.items()}
+                accumulator: dict[str, FloatArray] = {}
                 continue
             update = accepted[participant]
-            ref = update.shards[shard]
             try:
-                delta = decode_shard(data, ref, update.document["encoding"], update.key)
+                delta = decode_shard(
+                    data, update.shards[shard], update.document["encoding"], update.key
+                )
             except Rejected as e:
                 raise _Rejection(participant, e.reason, e.message) from None
             weight = np.float32(weights[participant])
             for tensor, values in delta.items():
-                if values.shape != current[tensor].shape:
-                    raise _Rejection(
-                        participant,
-                        rejections.TENSOR_MISMATCH,
-                        f"{update.key}: {tensor} has shape {list(values.shape)}, "
-                        f"the base has {list(current[tensor].shape)}",
-                    )
-                if not np.isfinite(values).all():
-                    raise _Rejection(
-                        participant,
-                        rejections.NON_FINITE,
-                        f"{update.key}: {tensor} holds NaN or infinite values",
-                    )
-                norms_sq[participant] += float(np.dot(values.ravel(), values.ravel()))
-                accumulator[tensor] += weight * values
+                norms_sq[participant] += _checked_norm_sq(
+                    participant, update, tensor, values, current[tensor]
+                )
+                if tensor in accumulator:
+                    accumulator[tensor] += weight * values
+                else:
+                    accumulator[tensor] = weight * values
             stats.bytes_read += len(data)
             if participant == names[-1]:
                 new, new_state = _step_shard(
                     store, state, state_refs, shard, current, accumulator, strategy
                 )
                 group = list(base_refs[shard].tensors)
-                out_base.append(
-                    upload_shard(
-                        store, layout.base_dir(round_number + 1), shard, new, group, "fp32"
-                    )
+                if len(uploads) >= 2:
+                    _wait(uploads[-2])
+                base_upload = writer.submit(
+                    upload_shard,
+                    store,
+                    layout.base_dir(round_number + 1),
+                    shard,
+                    new,
+                    group,
+                    "fp32",
                 )
+                state_upload = None
                 if strategy.slots:
                     slots = [f"{s}/{t}" for s in strategy.slots for t in group]
-                    out_state.append(
-                        upload_shard(
-                            store,
-                            layout.optimizer_dir(round_number + 1),
-                            shard,
-                            new_state,
-                            slots,
-                            "fp32",
-                        )
+                    state_upload = writer.submit(
+                        upload_shard,
+                        store,
+                        layout.optimizer_dir(round_number + 1),
+                        shard,
+                        new_state,
+                        slots,
+                        "fp32",
                     )
+                uploads.append((base_upload, state_upload))
                 stats.shards += 1
                 if progress:
                     progress("merge", shard + 1, len(base_refs))
+        out_base = [b.result() for b, _ in uploads]
+        out_state = [s.result() for _, s in uploads if s is not None]
     stats.delta_norms = {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
     meta = {"round": round_number, "strategy": strategy.optimizer}
     model_spec = base.document["model"]
@@ -316,6 +322,35 @@ def _merge(
         else None
     )
     return next_base, next_state
+
+
+def _wait(pair: tuple[Future[ShardRef], Future[ShardRef] | None]) -> None:
+    for future in pair:
+        if future is not None:
+            future.result()
+
+
+def _checked_norm_sq(
+    participant: str, update: Verified, tensor: str, values: FloatArray, base: FloatArray
+) -> float:
+    """Squared L2 norm of a delta tensor, refusing wrong shapes and NaN/inf.
+
+    One dot product gives both the norm and the check: it is finite unless a value is
+    not (or squares overflow, which a second look tells apart)."""
+    if values.shape != base.shape:
+        raise _Rejection(
+            participant,
+            rejections.TENSOR_MISMATCH,
+            f"{update.key}: {tensor} has shape {list(values.shape)}, "
+            f"the base has {list(base.shape)}",
+        )
+    flat = values.reshape(-1)
+    norm_sq = float(np.dot(flat, flat))
+    if not np.isfinite(norm_sq) and not np.isfinite(flat).all():
+        raise _Rejection(
+            participant, rejections.NON_FINITE, f"{update.key}: {tensor} holds NaN or infinity"
+        )
+    return norm_sq
 
 
 def _step_shard(

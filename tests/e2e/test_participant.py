@@ -173,3 +173,18 @@ def test_not_invited(round0: dict[str, object], capsys: pytest.CaptureFixture[st
     argv[argv.index("--name") + 1] = "mallory"
     assert participant.main(argv) == 1
     assert "not a participant" in capsys.readouterr().err
+
+
+def test_corrupt_base_is_refused_before_training(
+    round0: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = round0["store"]
+    base_dir = round0["layout"].base_dir(0)  # type: ignore[attr-defined]
+    shard = next(i.key for i in store.list(base_dir) if i.key.endswith(".safetensors"))  # type: ignore[attr-defined]
+    data = bytearray(store.get(shard))  # type: ignore[attr-defined]
+    data[100] ^= 0xFF
+    store.delete(shard)  # type: ignore[attr-defined]
+    store.put(shard, bytes(data))  # type: ignore[attr-defined]
+    assert participant.main(round0["argv"]) == 1  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "HashMismatch" in err and "refusing round 0" in err
