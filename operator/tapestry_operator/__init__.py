@@ -1,0 +1,1 @@
+"""The Kopf operator (coordinator and participant roles)."""
