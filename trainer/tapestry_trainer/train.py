@@ -1,0 +1,104 @@
+"""Standalone inner training on local shards, without the round protocol.
+
+For local-only baselines, benchmarks and smoke tests of a participant's hardware; the same
+code path as a federated round, minus the object store::
+
+    torchrun --nproc-per-node 2 -m tapestry_trainer.train --data shards/de --model tiny \\
+        --steps 200 --lr 3e-3 --batch-size 16 --seq-len 128 --out local.npz
+
+Weights are read (``--init``) and written (``--out``) as ``.npz`` files of float32 arrays
+keyed by the exchange names (loaded with ``allow_pickle=False``). Without torchrun it runs
+as a single process. Metrics, and the validation loss when the shard set has a validation
+split, are printed as one JSON line by rank 0 (and written to ``--metrics-out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tapestry_trainer import data, plugins
+from tapestry_trainer.inner import (
+    distributed,
+    load_state_arrays,
+    micro_batch_size,
+    state_arrays,
+    train_inner,
+)
+from tapestry_trainer.specs import InnerConfig, ModelSpec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tapestry_trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="shard set (or plug-in loader data path)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", default="tiny", help="built-in preset name")
+    model.add_argument("--model-spec", type=Path, help="ModelSpec JSON (built-in or plug-in)")
+    p.add_argument("--loader", help="plug-in loader as module:function")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="global, in sequences")
+    p.add_argument("--micro-batch-size", type=int, help="per rank and forward")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, help="start weights (.npz); default: spec init")
+    p.add_argument("--out", type=Path, help="write the trained weights (.npz)")
+    p.add_argument("--checkpoint-dir", type=Path)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--metrics-out", type=Path)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    spec = (ModelSpec.from_dict(json.loads(args.model_spec.read_text())) if args.model_spec
+            else ModelSpec.preset(args.model, seed=args.seed))
+    config = InnerConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+        warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        min_lr_ratio=args.min_lr_ratio, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    with distributed(device=args.device) as ctx:
+        model = plugins.build_model(spec)
+        if args.init is not None and ctx.is_main:
+            with np.load(args.init, allow_pickle=False) as weights:
+                load_state_arrays(model, dict(weights))
+        m = micro_batch_size(config, ctx, args.micro_batch_size)
+        loader = plugins.build_loader(
+            data.LoaderContext(data=args.data, rank=ctx.rank, world_size=ctx.world_size,
+                               micro_batch_size=m, seq_len=config.seq_len, seed=config.seed),
+            args.loader)
+        result = train_inner(model, loader, config, ctx, micro_batch=m,
+                             checkpoint_dir=args.checkpoint_dir, run_id="standalone")
+        if not ctx.is_main:
+            return
+        metrics: dict[str, Any] = result.to_dict()
+        if args.loader is None and args.eval_batches > 0 and any(
+                f["tokens"] for f in data.load_index(args.data)["splits"]["validation"]):
+            metrics["validationLoss"] = data.evaluate(
+                model, args.data, batches=args.eval_batches, seq_len=config.seq_len,
+                batch_size=min(config.batch_size, 16))
+        if args.out is not None:
+            savez: Any = np.savez  # numpy's stub mistakes **arrays for its allow_pickle flag
+            savez(args.out, **state_arrays(model))
+        if args.metrics_out is not None:
+            args.metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
