@@ -17,14 +17,19 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tapestry_protocol.shards import FloatArray, Tensor, decode_safetensors, encode_safetensors
 from tapestry_trainer import plugins
 from tapestry_trainer.data import LoaderContext, evaluate
-from tapestry_trainer.inner import load_state_arrays, micro_batch_size, state_arrays, train_inner
+from tapestry_trainer.inner import (
+    DistContext,
+    load_state_arrays,
+    micro_batch_size,
+    state_arrays,
+    train_inner,
+)
 from tapestry_trainer.specs import InnerConfig, ModelSpec
 
 
@@ -42,7 +47,7 @@ def train_local_only(
                 data=data,
                 rank=0,
                 world_size=1,
-                micro_batch_size=micro_batch_size(config, _single()),
+                micro_batch_size=micro_batch_size(config, DistContext()),
                 seq_len=config.seq_len,
                 seed=config.seed,
             )
@@ -51,12 +56,6 @@ def train_local_only(
             model, loader, config, checkpoint_dir=workdir / f"round-{r}", run_id=f"local-only/{r}"
         )
     return state_arrays(model)
-
-
-def _single() -> Any:
-    from tapestry_trainer.inner import DistContext
-
-    return DistContext()
 
 
 def evaluate_arrays(
