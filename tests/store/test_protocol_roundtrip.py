@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from tapestry_aggregator.merge import aggregate_round
 from tapestry_aggregator.strategy import Strategy
 from tapestry_protocol.exchange import (
@@ -16,7 +17,6 @@ from tapestry_protocol.exchange import (
     read_update,
 )
 from tapestry_protocol.store import ObjectStore
-
 from tests.protocol.federation import make_federation
 
 

@@ -1,0 +1,74 @@
+"""What only the filesystem store has: its on-disk layout, temp files, and the one key
+shape S3 allows but a directory tree cannot hold."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tapestry_protocol.store import (
+    AccessDenied,
+    BucketNotFound,
+    FilesystemStore,
+    ObjectExists,
+    StoreError,
+)
+
+
+def test_keys_are_plain_files_under_the_root(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path, create=True)
+    store.put("federations/f/rounds/1/plan.json", b"{}", if_absent=True)
+    assert (tmp_path / "federations/f/rounds/1/plan.json").read_bytes() == b"{}"
+    assert [p.name for p in (tmp_path / ".tapestry-tmp").iterdir()] == []
+
+
+def test_delete_prunes_empty_directories(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path, create=True)
+    store.put("a/b/c/d", b"x")
+    store.put("a/keep", b"y")
+    store.delete("a/b/c/d")
+    assert not (tmp_path / "a/b").exists()
+    assert (tmp_path / "a/keep").exists()
+
+
+def test_a_key_cannot_also_be_a_directory(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path, create=True)
+    store.put("a/b", b"x")
+    with pytest.raises(StoreError, match="directory of other keys") as excinfo:
+        store.put("a", b"y", if_absent=True)
+    assert not isinstance(excinfo.value, ObjectExists)
+    with pytest.raises(StoreError, match="parent of it is already an object"):
+        store.put("a/b/c", b"z")
+    assert not store.exists("a")
+    assert [o.key for o in store.list("")] == ["a/b"]
+
+
+def test_crashed_writers_temp_files_are_invisible_and_swept(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path, create=True)
+    fresh = tmp_path / ".tapestry-tmp" / "put-fresh"
+    stale = tmp_path / ".tapestry-tmp" / "put-stale"
+    fresh.write_bytes(b"half a delta")
+    stale.write_bytes(b"half a delta")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    assert list(store.list("")) == []
+    FilesystemStore(tmp_path)  # opening sweeps temp files older than a day
+    assert fresh.exists() and not stale.exists()
+
+
+def test_missing_root_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(BucketNotFound, match="create=True"):
+        FilesystemStore(tmp_path / "nowhere")
+
+
+def test_permission_denied_is_access_denied(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root bypasses file permissions")
+    store = FilesystemStore(tmp_path, create=True)
+    store.put("locked/k", b"x")
+    (tmp_path / "locked/k").chmod(0)
+    with pytest.raises(AccessDenied, match="locked/k"):
+        store.get("locked/k")
