@@ -1,0 +1,1 @@
+"""Real Kubernetes control plane, node agent and fixtures for the kube tests."""
