@@ -7,11 +7,23 @@ without Go to build MinIO); otherwise a server that cannot start fails its tests
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.s3servers import S3Server, skip_if_s3_disabled, start_minio, start_seaweedfs
+
+
+SKIP_SWITCHES = ("TAPESTRY_SKIP_S3", "TAPESTRY_SKIP_KUBE")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """CI runs every real-component test: a skip switch there is an error, not a pass."""
+    if os.environ.get("CI"):
+        on = [name for name in SKIP_SWITCHES if os.environ.get(name)]
+        if on:
+            raise pytest.UsageError(f"CI must not skip real-component tests, but {on} set")
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tapestry_cli.errors import UsageError
+
 console = Console()
 
 DEFAULT_WORKDIR = Path("runs/local")
@@ -105,8 +107,6 @@ def _participants(args: argparse.Namespace, workdir: Path) -> list[Participant]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tapestry_cli.main import UsageError
-
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
     workdir = args.workdir.absolute()
@@ -349,9 +349,20 @@ class Federation:
             plan = self._plan(store, coordinator, r, base)
             round_started = time.monotonic()
             failed = {} if store.exists(self.layout.result(r)) else self._train_round(r, key)
-            result = aggregate_round(
-                store, self.layout, r, coordinator, self.strategy, failed=failed
-            )
+            with console.status(f"aggregating round {r}") as status:
+
+                def merged(_: str, done: int, total: int, r: int = r) -> None:
+                    status.update(f"aggregating round {r}: shard {done}/{total}")
+
+                result = aggregate_round(
+                    store,
+                    self.layout,
+                    r,
+                    coordinator,
+                    self.strategy,
+                    failed=failed,
+                    progress=merged,
+                )
             doc = result.document
             loss = doc["metrics"].get("trainLoss")
             rejected = ", ".join(f"{x['participant']} ({x['reason']})" for x in doc["rejected"])

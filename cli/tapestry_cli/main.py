@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from tapestry_cli.errors import UsageError
+
 if TYPE_CHECKING:
     from tapestry_protocol.store import ObjectStore
 
@@ -37,10 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for, reported without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,12 @@ from tapestry_protocol import rejections
 from tapestry_protocol.exchange import (
     Verified,
     load_tensors,
-    make_plan,
-    publish_plan,
     publish_update,
     read_model,
 )
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.store.filesystem import FilesystemStore
-from tests.protocol.federation import HYPERPARAMETERS, Federation, make_federation
+from tests.protocol.federation import Federation, make_federation
 
 PEOPLE = ("alice", "bob", "carol")
 
@@ -51,24 +49,6 @@ def _submit(
             metrics={"trainLoss": 1.0 + i},
         )
     return deltas
-
-
-def _next_plan(fed: Federation, round_number: int, base: Verified) -> Verified:
-    return publish_plan(
-        fed.store,
-        fed.layout,
-        make_plan(
-            fed.layout,
-            round_number,
-            base,
-            model={},
-            hyperparameters=HYPERPARAMETERS,
-            participants={p: k.public_key_text for p, k in fed.participants.items()},
-            min_participants=2,
-            deadline="2030-01-01T00:00:00Z",
-        ),
-        fed.coordinator,
-    )
 
 
 def _reference(
@@ -121,7 +101,7 @@ def test_two_rounds_match_the_numpy_reference(tmp_path: Path, optimizer: str) ->
             assert result.document["optimizerState"] is None
         else:
             assert result.document["optimizerState"] is not None
-        plan = _next_plan(fed, r + 1, base)
+        plan = fed.plan_round(r + 1, base, min_participants=2)
 
 
 def test_reaggregation_is_byte_identical(tmp_path: Path) -> None:

@@ -20,49 +20,33 @@ TINY = ["--preset", "tiny", "--inner-steps", "4", "--batch-size", "4", "--seq-le
 
 
 def _tapestry(
-    args: list[str], env: dict[str, str], timeout: int = 600
+    args: list[str], env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tapestry_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    command = [sys.executable, "-m", "tapestry_cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def _env(server: S3Server) -> dict[str, str]:
-    creds = server.credentials
-    return {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": creds.access_key,
-        "AWS_SECRET_ACCESS_KEY": creds.secret_key,
-        "COLUMNS": "200",
-    }
+def _local_run(
+    data: Path, workdir: Path, *extra: str, rounds: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    args = ["local", "run", "--participants", "2", "--rounds", str(rounds), *TINY]
+    return _tapestry([*args, "--data", str(data), "--workdir", str(workdir), *extra], env)
+
+
+def _rounds(action: str, url: str, public_key: str, env: dict[str, str]) -> str:
+    args = ["rounds", *action.split(), "--store", url, "--federation", "local"]
+    done = _tapestry([*args, "--coordinator-key", public_key], env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_two_participants_two_rounds_through_minio(minio_server: S3Server, tmp_path: Path) -> None:
     data = write_corpora(tmp_path / "text")
     url = minio_server.url_for("e2e")
-    env = _env(minio_server)
-    run = _tapestry(
-        [
-            "local",
-            "run",
-            "--participants",
-            "2",
-            "--rounds",
-            "2",
-            *TINY,
-            "--data",
-            str(data),
-            "--store",
-            url,
-            "--workdir",
-            str(tmp_path / "w"),
-        ],
-        env,
-    )
+    creds = minio_server.credentials
+    env = {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key}
+    run = _local_run(data, tmp_path / "w", "--store", url, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "round 0: Succeeded" in run.stdout and "round 1: Succeeded" in run.stdout
     assert "validation loss" in run.stdout and "local-only alice" in run.stdout
@@ -71,127 +55,39 @@ def test_two_participants_two_rounds_through_minio(minio_server: S3Server, tmp_p
     for losses in summary["losses"].values():
         assert all(0 < v < 5.6 for v in losses.values())  # below a uniform byte model
 
-    store = minio_server.open("e2e")
-    keys = [i.key for i in store.list("federations/local/")]
+    keys = [i.key for i in minio_server.open("e2e").list("federations/local/")]
     assert "federations/local/rounds/000001/result.json" in keys
     assert any(k.startswith("federations/local/bases/000002/part-") for k in keys)
 
     public = (tmp_path / "w" / "keys" / "coordinator.pub").read_text().strip()
-    listed = _tapestry(
-        ["rounds", "list", "--store", url, "--federation", "local", "--coordinator-key", public],
-        env,
-    )
-    assert listed.returncode == 0, listed.stderr
-    assert "Succeeded" in listed.stdout and "verified" in listed.stdout
-    shown = _tapestry(
-        [
-            "rounds",
-            "show",
-            "1",
-            "--store",
-            url,
-            "--federation",
-            "local",
-            "--coordinator-key",
-            public,
-        ],
-        env,
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert "accepted" in shown.stdout and "alice" in shown.stdout and "bob" in shown.stdout
+    listed = _rounds("list", url, public, env)
+    assert "Succeeded" in listed and "verified" in listed
+    shown = _rounds("show 1", url, public, env)
+    assert "accepted" in shown and "alice" in shown and "bob" in shown
 
-    again = _tapestry(
-        [
-            "local",
-            "run",
-            "--participants",
-            "2",
-            "--rounds",
-            "2",
-            *TINY,
-            "--data",
-            str(data),
-            "--store",
-            url,
-            "--workdir",
-            str(tmp_path / "w"),
-            "--no-baseline",
-        ],
-        env,
-    )
+    again = _local_run(data, tmp_path / "w", "--store", url, "--no-baseline", env=env)
     assert again.returncode == 0, again.stderr
     assert "round 1: Succeeded" in again.stdout  # re-verified, not retrained
 
 
 def test_a_crashed_participant_is_reported_and_the_round_goes_on(tmp_path: Path) -> None:
     data = write_corpora(tmp_path / "text")
-    env = {**os.environ, "COLUMNS": "200"}
     workdir = tmp_path / "w"
-    # bob's signing key is damaged after the first run: his process fails.
-    prepared = _tapestry(
-        [
-            "local",
-            "run",
-            "--participants",
-            "2",
-            "--rounds",
-            "0",
-            "--data",
-            str(data),
-            "--workdir",
-            str(workdir),
-            "--no-baseline",
-            *TINY,
-        ],
-        env,
-    )
+    prepared = _local_run(data, workdir, "--no-baseline", rounds=0)
     assert prepared.returncode == 0, prepared.stderr
-    (workdir / "keys" / "bob.key").write_text("not a key")
-    run = _tapestry(
-        [
-            "local",
-            "run",
-            "--participants",
-            "2",
-            "--rounds",
-            "1",
-            "--no-baseline",
-            "--data",
-            str(data),
-            "--workdir",
-            str(workdir),
-            *TINY,
-        ],
-        env,
-    )
+    (workdir / "keys" / "bob.key").write_text("not a key")  # bob's process will fail
+    run = _local_run(data, workdir, "--no-baseline", rounds=1)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "bob failed" in run.stdout and "not a PEM private key" in run.stdout
     assert "round 0: Succeeded" in run.stdout and "bob (TrainingFailed)" in run.stdout
 
 
 def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:
-    env = {**os.environ, "COLUMNS": "200"}
-    missing = _tapestry(
-        ["local", "run", "--data", str(tmp_path / "absent"), "--workdir", str(tmp_path / "w")], env
-    )
+    missing = _local_run(tmp_path / "absent", tmp_path / "w")
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
-    unreachable = _tapestry(
-        [
-            "local",
-            "run",
-            "--participants",
-            "2",
-            "--rounds",
-            "1",
-            *TINY,
-            "--data",
-            str(write_corpora(tmp_path / "text")),
-            "--store",
-            "s3://b?endpoint=http://127.0.0.1:1",
-            "--workdir",
-            str(tmp_path / "w2"),
-        ],
-        {**env, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
-        timeout=300,
-    )
+    data = write_corpora(tmp_path / "text")
+    unreachable = _local_run(
+        data, tmp_path / "w2", "--store", "s3://b?endpoint=http://127.0.0.1:1", rounds=1,
+        env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+    )  # fmt: skip
     assert unreachable.returncode == 2 and "cannot use store" in unreachable.stderr

@@ -32,6 +32,13 @@ class Federation:
     plan: Verified
     tensors: dict[str, FloatArray]
 
+    def plan_round(
+        self, round_number: int, base: Verified, min_participants: int = 1, encoding: str = "fp32"
+    ) -> Verified:
+        """Publish a signed plan for `round_number` training from `base`."""
+        return _publish_plan(self.store, self.layout, self.coordinator, self.participants,
+                             round_number, base, min_participants, encoding)  # fmt: skip
+
     def delta(self, scale: float = 0.01, seed: int = 0) -> dict[str, FloatArray]:
         rng = np.random.default_rng(seed)
         return {
@@ -61,20 +68,23 @@ def make_federation(
     groups = plan_shards([(n, a.nbytes) for n, a in tensors.items()], 600)
     assert len(groups) >= 3
     base = publish_model(store, layout, 0, tensors, groups, coordinator, model={"preset": "t"})
-    plan = publish_plan(
-        store,
-        layout,
-        make_plan(
-            layout,
-            0,
-            base,
-            model={"preset": "t"},
-            hyperparameters=HYPERPARAMETERS,
-            participants={p: k.public_key_text for p, k in keys.items()},
-            min_participants=min_participants,
-            deadline="2030-01-01T00:00:00Z",
-            encoding=encoding,
-        ),
-        coordinator,
-    )
+    plan = _publish_plan(store, layout, coordinator, keys, 0, base, min_participants, encoding)
     return Federation(store, layout, coordinator, keys, base, plan, tensors)
+
+
+def _publish_plan(
+    store: ObjectStore,
+    layout: Layout,
+    coordinator: SigningKey,
+    participants: dict[str, SigningKey],
+    round_number: int,
+    base: Verified,
+    min_participants: int,
+    encoding: str,
+) -> Verified:
+    plan = make_plan(
+        layout, round_number, base, model={"preset": "t"}, hyperparameters=HYPERPARAMETERS,
+        participants={p: k.public_key_text for p, k in participants.items()},
+        min_participants=min_participants, deadline="2030-01-01T00:00:00Z", encoding=encoding,
+    )  # fmt: skip
+    return publish_plan(store, layout, plan, coordinator)

@@ -16,7 +16,6 @@ from tapestry_protocol.exchange import (
     decode_shard,
     fetch_shard,
     load_tensors,
-    make_plan,
     publish_plan,
     publish_update,
     read_plan,
@@ -27,7 +26,7 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import ObjectExists
-from tests.protocol.federation import HYPERPARAMETERS, Federation, make_federation
+from tests.protocol.federation import Federation, make_federation
 
 
 def _publish(fed: Federation, who: str = "alice", seed: int = 0) -> Verified:
@@ -160,21 +159,7 @@ def test_replay_under_another_name(fed: Federation) -> None:
 
 def test_replay_into_another_round(fed: Federation) -> None:
     doc = _publish(fed).document
-    plan1 = publish_plan(
-        fed.store,
-        fed.layout,
-        make_plan(
-            fed.layout,
-            1,
-            fed.base,
-            model={},
-            hyperparameters=HYPERPARAMETERS,
-            participants={p: k.public_key_text for p, k in fed.participants.items()},
-            min_participants=1,
-            deadline="2030-01-01T00:00:00Z",
-        ),
-        fed.coordinator,
-    )
+    plan1 = fed.plan_round(1, fed.base)
     fed.store.put(fed.layout.update_manifest(1, "alice"), documents.encode(doc))
     reason = _reason(lambda: read_update(fed.store, fed.layout, plan1, fed.base, "alice"))
     assert reason == rejections.WRONG_ROUND
