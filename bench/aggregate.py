@@ -131,10 +131,12 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
             base_tensors.update(
                 {k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()}
             )
-        new = {
-            t: value - sum(np.float32(weights[n]) * deltas[n][t] for n in deltas)
-            for t, value in base_tensors.items()
-        }
+        new: dict[str, np.ndarray] = {}
+        for t, value in base_tensors.items():
+            total = np.zeros_like(value)
+            for n in deltas:
+                total += np.float32(weights[n]) * deltas[n][t]
+            new[t] = value - total
         publish_model(store, layout, 1, new, shard_groups(base), signer)
     else:
         aggregate_round(store, layout, 0, signer, Strategy("fedavg"))

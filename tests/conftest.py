@@ -14,7 +14,6 @@ import pytest
 
 from tests.s3servers import S3Server, skip_if_s3_disabled, start_minio, start_seaweedfs
 
-
 SKIP_SWITCHES = ("TAPESTRY_SKIP_S3", "TAPESTRY_SKIP_KUBE")
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tapestry_aggregator.strategy import Strategy, compute_weights, outer_step
+from tapestry_protocol.shards import FloatArray
 
 
 def test_token_weights_are_proportional() -> None:
@@ -53,7 +54,8 @@ def test_diloco_matches_torch_style_nesterov_reference() -> None:
     strategy = Strategy("diloco")
     param = rng.standard_normal(20)
     buf = np.zeros(20)
-    p32, state = param.astype(np.float32), {}
+    p32 = param.astype(np.float32)
+    state: dict[str, FloatArray] = {}
     for _ in range(3):
         g = rng.standard_normal(20)
         buf = 0.9 * buf + g
@@ -67,7 +69,8 @@ def test_fedadam_matches_reference() -> None:
     rng = np.random.default_rng(2)
     strategy = Strategy("fedadam", learning_rate=0.05)
     param, m, v = rng.standard_normal(10), np.zeros(10), np.zeros(10)
-    p32, state = param.astype(np.float32), {}
+    p32 = param.astype(np.float32)
+    state: dict[str, FloatArray] = {}
     for _ in range(2):
         g = rng.standard_normal(10)
         m = 0.9 * m + 0.1 * g

@@ -25,7 +25,7 @@ from tapestry_protocol.shards import (
 
 def test_encoding_is_read_by_the_reference_library() -> None:
     rng = np.random.default_rng(0)
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "b.weight": rng.standard_normal((3, 5)).astype(np.float32),
         "a.bias": np.arange(7, dtype=np.int64),
         "c": np.array([1, -2, 3], dtype=np.int8),

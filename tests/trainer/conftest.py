@@ -7,9 +7,31 @@ from pathlib import Path
 
 import pytest
 
-_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
-          "seven", "wise", "owls", "sing", "about", "rivers", "mountains", "bread", "and",
-          "the", "long", "winter", "nights"]
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wise",
+    "owls",
+    "sing",
+    "about",
+    "rivers",
+    "mountains",
+    "bread",
+    "and",
+    "the",
+    "long",
+    "winter",
+    "nights",
+]
 
 
 def write_text(folder: Path, files: int = 3, sentences: int = 400, seed: int = 0) -> Path:
@@ -17,8 +39,10 @@ def write_text(folder: Path, files: int = 3, sentences: int = 400, seed: int = 0
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(files):
-        lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))).capitalize()
-                 + "." for _ in range(sentences)]
+        lines = [
+            " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+            for _ in range(sentences)
+        ]
         (folder / f"doc{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 

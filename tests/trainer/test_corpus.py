@@ -17,8 +17,12 @@ from tapestry_trainer.corpus import PACKAGES, clean_fortunes, prepare_demo_corpu
 pytestmark = pytest.mark.torch
 
 # Frequent short words: a folder in the wrong language would lack them.
-MARKERS = {"en": (" the ", " and "), "de": (" und ", " der "), "es": (" que ", " el "),
-           "it": (" che ", " di ")}
+MARKERS = {
+    "en": (" the ", " and "),
+    "de": (" und ", " der "),
+    "es": (" que ", " el "),
+    "it": (" che ", " di "),
+}
 
 
 def test_clean_fortunes() -> None:
@@ -28,8 +32,10 @@ def test_clean_fortunes() -> None:
     assert clean_fortunes(b"%\n%\n") == ""
 
 
-@pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
-                    reason="the demo corpus comes from Debian packages")
+@pytest.mark.skipif(
+    not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
+    reason="the demo corpus comes from Debian packages",
+)
 def test_demo_corpus_has_three_languages_of_real_text(tmp_path: Path) -> None:
     folders = prepare_demo_corpus(tmp_path / "corpus")
     assert set(folders) == set(PACKAGES) and len(folders) >= 3

@@ -45,15 +45,17 @@ def test_byte_tokenizer_round_trip() -> None:
 def test_prepare_shards_splits_and_is_idempotent(text_dir: Path, tmp_path: Path) -> None:
     total = sum(len(p.read_bytes()) + 2 for p in text_dir.glob("*.txt"))
     out = tmp_path / "s"
-    index_path = prepare_shards([text_dir], out, val_fraction=0.2, block_tokens=256,
-                                shard_tokens=10_000)
+    index_path = prepare_shards(
+        [text_dir], out, val_fraction=0.2, block_tokens=256, shard_tokens=10_000
+    )
     index = load_index(out)
     counts = {s: sum(f["tokens"] for f in files) for s, files in index["splits"].items()}
     assert counts["train"] + counts["validation"] == total
     assert 0.1 < counts["validation"] / total < 0.3
     assert len(index["splits"]["train"]) > 1  # shard_tokens splits files
-    raw = np.concatenate([np.fromfile(out / f["file"], dtype="<u2")
-                          for f in index["splits"]["train"]])
+    raw = np.concatenate(
+        [np.fromfile(out / f["file"], dtype="<u2") for f in index["splits"]["train"]]
+    )
     assert raw.max() <= EOS and (raw == BOS).sum() >= 1
 
     stamp = index_path.stat().st_mtime_ns
@@ -75,10 +77,12 @@ def test_cli(text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert report["tokens"]["train"] > 0 and report["tokens"]["validation"] > 0
 
 
-def _ctx(shard_dir: Path, rank: int = 0, world: int = 1, m: int = 4,
-         seed: int = 0) -> LoaderContext:
-    return LoaderContext(data=str(shard_dir), rank=rank, world_size=world,
-                         micro_batch_size=m, seq_len=32, seed=seed)
+def _ctx(
+    shard_dir: Path, rank: int = 0, world: int = 1, m: int = 4, seed: int = 0
+) -> LoaderContext:
+    return LoaderContext(
+        data=str(shard_dir), rank=rank, world_size=world, micro_batch_size=m, seq_len=32, seed=seed
+    )
 
 
 def _take(loader: ShardLoader, n: int) -> list[Tensor]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +37,63 @@ from tapestry_trainer.specs import InnerConfig, ModelSpec  # noqa: E402
 pytestmark = pytest.mark.torch
 
 SPEC = ModelSpec.preset("tiny", seed=0)  # what `train --model tiny --seed 0` builds
-CLI_ARGS = ["--model", "tiny", "--seed", "0", "--steps", "4", "--batch-size", "8",
-            "--seq-len", "32", "--warmup", "1", "--lr", "3e-3", "--eval-batches", "0",
-            "--device", "cpu"]
+CLI_ARGS = [
+    "--model",
+    "tiny",
+    "--seed",
+    "0",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--warmup",
+    "1",
+    "--lr",
+    "3e-3",
+    "--eval-batches",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def _config(**overrides: int) -> InnerConfig:
     """The InnerConfig that CLI_ARGS describe."""
-    return InnerConfig(**{"steps": 4, "lr": 3e-3, "batch_size": 8, "seq_len": 32,
-                          "warmup_steps": 1, "seed": 0, **overrides})  # type: ignore[arg-type]
+    return replace(
+        InnerConfig(steps=4, lr=3e-3, batch_size=8, seq_len=32, warmup_steps=1, seed=0),
+        **overrides,
+    )
 
 
-def _train(shard_dir: Path, config: InnerConfig, *, micro: int | None = None,
-           ckpt: Path | None = None, run_id: str = "standalone",
-           on_step: Callable[[StepInfo], None] | None = None,
-           ) -> tuple[nn.Module, InnerResult]:
+def _train(
+    shard_dir: Path,
+    config: InnerConfig,
+    *,
+    micro: int | None = None,
+    ckpt: Path | None = None,
+    run_id: str = "standalone",
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> tuple[nn.Module, InnerResult]:
     model = build_model(SPEC)
-    ctx = LoaderContext(data=str(shard_dir), rank=0, world_size=1,
-                        micro_batch_size=micro or config.batch_size, seq_len=config.seq_len,
-                        seed=config.seed)
-    result = train_inner(model, ShardLoader(ctx), config, micro_batch=micro,
-                         checkpoint_dir=ckpt, run_id=run_id, on_step=on_step)
+    ctx = LoaderContext(
+        data=str(shard_dir),
+        rank=0,
+        world_size=1,
+        micro_batch_size=micro or config.batch_size,
+        seq_len=config.seq_len,
+        seed=config.seed,
+    )
+    result = train_inner(
+        model,
+        ShardLoader(ctx),
+        config,
+        micro_batch=micro,
+        checkpoint_dir=ckpt,
+        run_id=run_id,
+        on_step=on_step,
+    )
     return model, result
 
 
@@ -68,6 +105,7 @@ def _interrupt_after(step: int) -> Callable[[StepInfo], None]:
     def on_step(info: StepInfo) -> None:
         if info.step == step:
             raise Interrupted  # like a pod killed right after this step
+
     return on_step
 
 
@@ -111,8 +149,7 @@ def test_micro_batch_size_must_split_the_global_batch() -> None:
         micro_batch_size(_config(), two, 3)
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(shard_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_resume_reproduces_the_uninterrupted_run_bitwise(shard_dir: Path, tmp_path: Path) -> None:
     config = _config(steps=6, checkpoint_every=2)
     full, full_result = _train(shard_dir, config, ckpt=tmp_path / "a")
     plain, _ = _train(shard_dir, _config(steps=6))  # checkpointing changes nothing
@@ -148,16 +185,35 @@ def test_gradient_accumulation_matches_one_big_batch(shard_dir: Path) -> None:
 
 def _torchrun(args: list[str], tmp_path: Path) -> dict[str, object]:
     """Two gloo processes on this machine, through torchrun as a pod would run them."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     package_root = str(Path(tapestry_trainer.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     metrics = tmp_path / "metrics.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tapestry_trainer.train", *args, "--metrics-out", str(metrics)],
-        env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tapestry_trainer.train",
+            *args,
+            "--metrics-out",
+            str(metrics),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result: dict[str, object] = json.loads(metrics.read_text())
     return result
@@ -182,8 +238,9 @@ def _assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(shard_dir: Path, one_process: Path,
-                                             tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one_process(
+    shard_dir: Path, one_process: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ddp.npz"
     metrics = _torchrun([*CLI_ARGS, "--data", str(shard_dir), "--out", str(out)], tmp_path)
     assert metrics["steps"] == 4 and metrics["tokens"] == 4 * 8 * 32
@@ -195,13 +252,26 @@ def test_ddp_two_processes_match_one_process(shard_dir: Path, one_process: Path,
 
 @pytest.mark.slow
 def test_ddp_resumes_a_checkpoint_written_by_another_world_size(
-        shard_dir: Path, one_process: Path, tmp_path: Path) -> None:
+    shard_dir: Path, one_process: Path, tmp_path: Path
+) -> None:
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupted):  # one process gets to step 3, checkpointed at 2
         _train(shard_dir, _config(checkpoint_every=2), ckpt=ckpt, on_step=_interrupt_after(3))
     assert (ckpt / CHECKPOINT).is_file()
     out = tmp_path / "resumed.npz"
-    metrics = _torchrun([*CLI_ARGS, "--data", str(shard_dir), "--out", str(out),
-                         "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"], tmp_path)
+    metrics = _torchrun(
+        [
+            *CLI_ARGS,
+            "--data",
+            str(shard_dir),
+            "--out",
+            str(out),
+            "--checkpoint-dir",
+            str(ckpt),
+            "--checkpoint-every",
+            "2",
+        ],
+        tmp_path,
+    )
     assert metrics["resumedFrom"] == 2  # rank 0 read it, rank 1 got it by broadcast
     _assert_close(_load(out), _load(one_process))

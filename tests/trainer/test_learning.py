@@ -20,16 +20,21 @@ pytestmark = pytest.mark.torch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
-                    reason="the demo corpus comes from Debian packages")
+@pytest.mark.skipif(
+    not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
+    reason="the demo corpus comes from Debian packages",
+)
 def test_tiny_beats_a_uniform_byte_model_after_60_steps(tmp_path: Path) -> None:
     folder = prepare_demo_corpus(tmp_path / "corpus", ["es"])["es"]
     shards = prepare_shards([folder], tmp_path / "shards")
     config = InnerConfig(steps=60, lr=3e-3, batch_size=16, seq_len=128, warmup_steps=10)
     model = build_model(ModelSpec.preset("tiny"))
     before = evaluate(model, shards.parent, batches=4)
-    loader = ShardLoader(LoaderContext(data=str(shards.parent), rank=0, world_size=1,
-                                       micro_batch_size=16, seq_len=128, seed=0))
+    loader = ShardLoader(
+        LoaderContext(
+            data=str(shards.parent), rank=0, world_size=1, micro_batch_size=16, seq_len=128, seed=0
+        )
+    )
     result = train_inner(model, loader, config)
     after = evaluate(model, shards.parent, batches=4)
     assert before > math.log(256)

@@ -43,10 +43,13 @@ def test_initial_loss_is_near_uniform() -> None:
     assert abs(float(loss.detach()) - math.log(TINY.vocab_size)) < 0.1
 
 
-@pytest.mark.parametrize("variant", [
-    {},
-    {"positions": "rope", "mlp": "swiglu", "norm": "rmsnorm", "bias": True},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"positions": "rope", "mlp": "swiglu", "norm": "rmsnorm", "bias": True},
+    ],
+)
 def test_attention_is_causal(variant: dict[str, object]) -> None:
     model = build_gpt(replace(TINY, **variant)).eval()  # type: ignore[arg-type]
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))

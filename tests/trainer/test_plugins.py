@@ -19,21 +19,25 @@ pytestmark = pytest.mark.torch
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin"
 
 
-@pytest.mark.parametrize(("ref", "message"), [
-    ("no_such_module_xyz:build", "module 'no_such_module_xyz' not found"),
-    ("json.no_such_sub:build", "module 'json.no_such_sub' not found"),
-    ("json:nope", "'json' has no attribute 'nope'"),
-    ("json:JSONDecoder.nope", "'json.JSONDecoder' has no attribute 'nope'"),
-    ("json:__name__", "'json:__name__' is not callable"),
-    ("json", "must look like 'module:function'"),
-])
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("no_such_module_xyz:build", "module 'no_such_module_xyz' not found"),
+        ("json.no_such_sub:build", "module 'json.no_such_sub' not found"),
+        ("json:nope", "'json' has no attribute 'nope'"),
+        ("json:JSONDecoder.nope", "'json.JSONDecoder' has no attribute 'nope'"),
+        ("json:__name__", "'json:__name__' is not callable"),
+        ("json", "must look like 'module:function'"),
+    ],
+)
 def test_resolution_errors(ref: str, message: str) -> None:
     with pytest.raises(PluginError, match=message):
         resolve(ref)
 
 
 def test_missing_dependency_is_not_reported_as_missing_module(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "broken_plugin_mod.py").write_text("import not_installed_dep_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginError, match="importing module 'broken_plugin_mod' failed"):
@@ -41,10 +45,12 @@ def test_missing_dependency_is_not_reported_as_missing_module(
 
 
 def test_factory_must_return_the_right_kind(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "wrong_plugin_mod.py").write_text(
         "def build(config):\n    return 'not a module'\n"
-        "def make_loader(ctx):\n    return object()\n")
+        "def make_loader(ctx):\n    return object()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginError, match=r"expected torch\.nn\.Module"):
         build_model(ModelSpec.plugin("wrong_plugin_mod:build"))
@@ -55,16 +61,18 @@ def test_factory_must_return_the_right_kind(
 
 def test_example_plugin_trains(text_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    spec = ModelSpec.plugin("tapestry_example_plugin.models:build",
-                            {"dim": 16, "hidden": 32}, seed=3)
+    spec = ModelSpec.plugin(
+        "tapestry_example_plugin.models:build", {"dim": 16, "hidden": 32}, seed=3
+    )
     model = build_model(spec)
     again = build_model(spec)  # seeded: the coordinator can rebuild the same base
     base = state_arrays(model)
     assert all((base[k] == v).all() for k, v in state_arrays(again).items())
 
     config = InnerConfig(steps=8, lr=1e-2, batch_size=4, seq_len=32)
-    ctx = LoaderContext(data=str(text_dir), rank=0, world_size=1, micro_batch_size=4,
-                        seq_len=32, seed=0)
+    ctx = LoaderContext(
+        data=str(text_dir), rank=0, world_size=1, micro_batch_size=4, seq_len=32, seed=0
+    )
     loader = build_loader(ctx, "tapestry_example_plugin.data:make_loader")
     result = train_inner(model, loader, config)
     assert result.steps == 8 and result.final_loss < math.log(258)  # learnt something

@@ -15,8 +15,9 @@ from tapestry_trainer.specs import PRESETS, GPTConfig, InnerConfig, ModelSpec, S
 
 pytestmark = pytest.mark.torch
 
-PLAN_SCHEMA = (Path(__file__).resolve().parents[2]
-               / "protocol/tapestry_protocol/schemas/round-plan.v1.json")
+PLAN_SCHEMA = (
+    Path(__file__).resolve().parents[2] / "protocol/tapestry_protocol/schemas/round-plan.v1.json"
+)
 
 
 def _built_count(config: GPTConfig) -> int:
@@ -32,12 +33,15 @@ def test_preset_param_count_is_exact(name: str) -> None:
     assert PRESETS[name].param_count() == _built_count(PRESETS[name])
 
 
-@pytest.mark.parametrize("variant", [
-    {"bias": True},
-    {"mlp": "swiglu"},
-    {"positions": "rope"},
-    {"norm": "rmsnorm", "bias": True, "mlp": "swiglu"},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"bias": True},
+        {"mlp": "swiglu"},
+        {"positions": "rope"},
+        {"norm": "rmsnorm", "bias": True, "mlp": "swiglu"},
+    ],
+)
 def test_param_count_of_variants(variant: dict[str, object]) -> None:
     config = replace(PRESETS["tiny"], **variant)  # type: ignore[arg-type]
     assert config.param_count() == _built_count(config)
@@ -52,20 +56,25 @@ def test_preset_sizes_span_cpu_to_1b() -> None:
 
 
 def test_model_spec_json_round_trip() -> None:
-    for spec in (ModelSpec.preset("small", seed=7, dropout=0.1),
-                 ModelSpec.plugin("pkg.mod:build", {"hidden": 3}, seed=2)):
+    for spec in (
+        ModelSpec.preset("small", seed=7, dropout=0.1),
+        ModelSpec.plugin("pkg.mod:build", {"hidden": 3}, seed=2),
+    ):
         blob = json.loads(json.dumps(spec.to_dict()))
         assert ModelSpec.from_dict(blob) == spec
     assert ModelSpec.preset("tiny").param_count() == PRESETS["tiny"].param_count()
     assert ModelSpec.plugin("pkg.mod:build").param_count() is None
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    ({"kind": "rnn"}, "model.kind"),
-    ({"kind": "gpt", "gpt": {"d_model": 130, "n_heads": 4}}, "divisible"),
-    ({"kind": "gpt", "gpt": {"n_layer": 2}}, "unknown gpt field"),
-    ({"kind": "plugin", "factory": "no_colon"}, "module:function"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"kind": "rnn"}, "model.kind"),
+        ({"kind": "gpt", "gpt": {"d_model": 130, "n_heads": 4}}, "divisible"),
+        ({"kind": "gpt", "gpt": {"n_layer": 2}}, "unknown gpt field"),
+        ({"kind": "plugin", "factory": "no_colon"}, "module:function"),
+    ],
+)
 def test_model_spec_errors(bad: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         ModelSpec.from_dict(bad)
@@ -86,8 +95,7 @@ def test_inner_config_uses_the_plan_schema_keys() -> None:
 
 
 def test_warmup_then_cosine_schedule() -> None:
-    c = InnerConfig(steps=110, lr=1.0, batch_size=1, seq_len=1, warmup_steps=10,
-                    min_lr_ratio=0.1)
+    c = InnerConfig(steps=110, lr=1.0, batch_size=1, seq_len=1, warmup_steps=10, min_lr_ratio=0.1)
     assert c.lr_at(0) == pytest.approx(0.1)
     assert c.lr_at(4) == pytest.approx(0.5)
     assert c.lr_at(9) == pytest.approx(1.0)

@@ -64,7 +64,8 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPro
     except FileNotFoundError as err:
         raise CorpusUnavailable(
             f"{cmd[0]} not found: the demo corpus comes from Debian packages and needs "
-            "apt-get and dpkg-deb (any Debian or Ubuntu machine or image)") from err
+            "apt-get and dpkg-deb (any Debian or Ubuntu machine or image)"
+        ) from err
 
 
 def _download(package: str, debs: Path) -> Path:
@@ -81,7 +82,8 @@ def _download(package: str, debs: Path) -> Path:
     if result.returncode != 0 or not found:
         reason = result.stderr.decode(errors="replace").strip()[-300:]
         raise CorpusUnavailable(
-            f"apt-get download {package} failed ({reason}); run `apt-get update` and retry")
+            f"apt-get download {package} failed ({reason}); run `apt-get update` and retry"
+        )
     return found[-1]
 
 
@@ -139,8 +141,9 @@ def _build_language(language: str, target: Path) -> dict[str, str]:
                 text = clean_fortunes(raw)
                 if text:
                     (tmp / f"{package}-{name}.txt").write_text(text, encoding="utf-8")
-        (tmp / _COMPLETE).write_text(json.dumps(
-            {"version": _VERSION, "language": language, "packages": sources}, indent=2))
+        (tmp / _COMPLETE).write_text(
+            json.dumps({"version": _VERSION, "language": language, "packages": sources}, indent=2)
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -190,15 +193,19 @@ def prepare_demo_corpus(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m tapestry_trainer.corpus DEST``: fetch and clean the demo corpus."""
-    parser = argparse.ArgumentParser(prog="python -m tapestry_trainer.corpus",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tapestry_trainer.corpus", description=main.__doc__
+    )
     parser.add_argument("dest", type=Path)
     parser.add_argument("--languages", nargs="+", default=list(PACKAGES))
     args = parser.parse_args(argv)
     folders = prepare_demo_corpus(args.dest, args.languages)
     sizes = {lang: sum(p.stat().st_size for p in f.glob("*.txt")) for lang, f in folders.items()}
-    print(json.dumps({lang: {"path": str(f), "bytes": sizes[lang]}
-                      for lang, f in folders.items()}, indent=2))
+    print(
+        json.dumps(
+            {lang: {"path": str(f), "bytes": sizes[lang]} for lang, f in folders.items()}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def _source_files(sources: Sequence[Path | str]) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     for src in map(Path, sources):
         if src.is_dir():
-            found += [(f"{src.name}/{p.relative_to(src).as_posix()}", p)
-                      for p in sorted(src.rglob("*.txt")) if p.is_file()]
+            found += [
+                (f"{src.name}/{p.relative_to(src).as_posix()}", p)
+                for p in sorted(src.rglob("*.txt"))
+                if p.is_file()
+            ]
         elif src.is_file():
             found.append((src.name, src))
         else:
@@ -143,10 +146,12 @@ def prepare_shards(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir)
     files = _source_files(sources)
-    fingerprint = hashlib.sha256(json.dumps(
-        [[n, p.stat().st_size, p.stat().st_mtime_ns] for n, p in files]
-        + [val_fraction, block_tokens, shard_tokens, seed]
-    ).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [[n, p.stat().st_size, p.stat().st_mtime_ns] for n, p in files]
+            + [val_fraction, block_tokens, shard_tokens, seed]
+        ).encode()
+    ).hexdigest()
     index_path = out / INDEX
     if index_path.is_file() and json.loads(index_path.read_text()).get("fingerprint") == (
         fingerprint
@@ -165,10 +170,14 @@ def prepare_shards(
             for block, start in enumerate(starts):
                 held_out = _in_validation(name, block, seed, val_fraction) or (
                     # a non-zero fraction always yields a validation split, however small
-                    val_fraction > 0 and not writers["validation"].files
-                    and i == len(files) - 1 and block == len(starts) - 1)
+                    val_fraction > 0
+                    and not writers["validation"].files
+                    and i == len(files) - 1
+                    and block == len(starts) - 1
+                )
                 writers["validation" if held_out else "train"].write(
-                    tokens[start:start + block_tokens])
+                    tokens[start : start + block_tokens]
+                )
         for writer in writers.values():
             writer.close()
         index = {
@@ -197,7 +206,8 @@ def load_index(data_dir: Path | str) -> dict[str, Any]:
     path = Path(data_dir) / INDEX
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: prepare shards with `python -m tapestry_trainer.data`")
+            f"{path} not found: prepare shards with `python -m tapestry_trainer.data`"
+        )
     index: dict[str, Any] = json.loads(path.read_text())
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported format {index.get('format')!r}")
@@ -217,13 +227,18 @@ class TokenWindows:
         for entry in index["splits"][split]:
             n = (int(entry["tokens"]) - 1) // seq_len
             if n > 0:
-                self._maps.append(np.memmap(Path(data_dir) / entry["file"], dtype="<u2",
-                                            mode="r", shape=(int(entry["tokens"]),)))
+                self._maps.append(
+                    np.memmap(
+                        Path(data_dir) / entry["file"],
+                        dtype="<u2",
+                        mode="r",
+                        shape=(int(entry["tokens"]),),
+                    )
+                )
                 counts.append(n)
         self._starts = np.cumsum([0, *counts])
         if self.count == 0:
-            raise ValueError(
-                f"split {split!r} of {data_dir} has no window of {seq_len + 1} tokens")
+            raise ValueError(f"split {split!r} of {data_dir} has no window of {seq_len + 1} tokens")
 
     @property
     def count(self) -> int:
@@ -232,7 +247,7 @@ class TokenWindows:
     def window(self, i: int) -> npt.NDArray[np.int64]:
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         offset = (i - int(self._starts[shard])) * self.seq_len
-        return np.asarray(self._maps[shard][offset:offset + self.seq_len + 1], dtype=np.int64)
+        return np.asarray(self._maps[shard][offset : offset + self.seq_len + 1], dtype=np.int64)
 
     def batch(self, indices: Sequence[int] | npt.NDArray[np.int64]) -> tuple[Tensor, Tensor]:
         """(input_ids, targets) as int64 tensors of shape (len(indices), seq_len)."""
@@ -346,7 +361,7 @@ def evaluate(
     total = 0.0
     try:
         for start in range(0, len(picks), batch_size):
-            chunk = picks[start:start + batch_size]
+            chunk = picks[start : start + batch_size]
             x, y = windows.batch(chunk)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 loss = model(x.to(dev), y.to(dev))
@@ -358,16 +373,22 @@ def evaluate(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m tapestry_trainer.data SRC... --out DIR``: text files to token shards."""
-    parser = argparse.ArgumentParser(prog="python -m tapestry_trainer.data",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tapestry_trainer.data", description=main.__doc__
+    )
     parser.add_argument("sources", nargs="+", type=Path, help="*.txt files or directories")
     parser.add_argument("--out", required=True, type=Path, help="shard set directory")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--block-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    index = prepare_shards(args.sources, args.out, val_fraction=args.val_fraction,
-                           block_tokens=args.block_tokens, seed=args.seed)
+    index = prepare_shards(
+        args.sources,
+        args.out,
+        val_fraction=args.val_fraction,
+        block_tokens=args.block_tokens,
+        seed=args.seed,
+    )
     splits = load_index(index.parent)["splits"]
     counts = {s: sum(f["tokens"] for f in files) for s, files in splits.items()}
     print(json.dumps({"index": str(index), "tokens": counts}))

@@ -134,7 +134,8 @@ def micro_batch_size(config: InnerConfig, ctx: DistContext, requested: int | Non
     per_rank, rest = divmod(config.batch_size, ctx.world_size)
     if rest or per_rank == 0:
         raise ValueError(
-            f"global batch {config.batch_size} does not split over {ctx.world_size} ranks")
+            f"global batch {config.batch_size} does not split over {ctx.world_size} ranks"
+        )
     m = requested or per_rank
     if per_rank % m:
         raise ValueError(f"micro batch {m} does not divide the per-rank batch {per_rank}")
@@ -181,12 +182,16 @@ def load_state_arrays(model: nn.Module, arrays: Mapping[str, npt.NDArray[Any]]) 
     """Copy ``arrays`` (e.g. a verified base) into the model; names and shapes must match
     exactly, so a base for another architecture fails loudly instead of half-loading."""
     targets = _exchanged(model)
-    missing, unexpected = sorted(targets.keys() - arrays.keys()), sorted(
-        arrays.keys() - targets.keys())
+    missing, unexpected = (
+        sorted(targets.keys() - arrays.keys()),
+        sorted(arrays.keys() - targets.keys()),
+    )
     if missing or unexpected:
-        raise KeyError(f"weights do not fit the model: missing {missing[:5]}"
-                       f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                       f"{'...' if len(unexpected) > 5 else ''}")
+        raise KeyError(
+            f"weights do not fit the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for name, tensor in targets.items():
         array = arrays[name]
         if tuple(array.shape) != tuple(tensor.shape):
@@ -242,16 +247,18 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def _make_optimizer(model: nn.Module, config: InnerConfig,
-                    device: torch.device) -> torch.optim.AdamW:
+def _make_optimizer(
+    model: nn.Module, config: InnerConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norm gains, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS, eps=1e-8,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=ADAM_BETAS, eps=1e-8, fused=device.type == "cuda"
+    )
 
 
 def _all_mean(values: list[float], ctx: DistContext) -> list[float]:
@@ -277,11 +284,16 @@ def _broadcast_optimizer_state(opt: torch.optim.Optimizer, ctx: DistContext) -> 
     layout: list[dict[str, Any]] = []
     if ctx.is_main:
         for p in params:
-            layout.append({
-                k: _TensorMeta(tuple(v.shape), str(v.dtype).removeprefix("torch."),
-                               v.device == p.device) if isinstance(v, Tensor) else v
-                for k, v in opt.state[p].items()
-            })
+            layout.append(
+                {
+                    k: _TensorMeta(
+                        tuple(v.shape), str(v.dtype).removeprefix("torch."), v.device == p.device
+                    )
+                    if isinstance(v, Tensor)
+                    else v
+                    for k, v in opt.state[p].items()
+                }
+            )
     box: list[Any] = [layout]
     dist.broadcast_object_list(box, src=0)
     for p, entry in zip(params, box[0], strict=True):
@@ -289,8 +301,11 @@ def _broadcast_optimizer_state(opt: torch.optim.Optimizer, ctx: DistContext) -> 
         for key, value in entry.items():
             if isinstance(value, _TensorMeta):
                 if not ctx.is_main:
-                    state[key] = torch.empty(value.shape, dtype=getattr(torch, value.dtype),
-                                             device=p.device if value.on_param_device else "cpu")
+                    state[key] = torch.empty(
+                        value.shape,
+                        dtype=getattr(torch, value.dtype),
+                        device=p.device if value.on_param_device else "cpu",
+                    )
                 _broadcast_tensor(state[key], ctx)
             else:
                 state[key] = value
@@ -313,8 +328,11 @@ def _read_checkpoint(path: Path, config: InnerConfig, run_id: str) -> dict[str, 
     if not path.is_file():
         return None
     ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if (ckpt.get("version") != _CHECKPOINT_VERSION or ckpt.get("run_id") != run_id
-            or ckpt.get("fingerprint") != config.fingerprint()):
+    if (
+        ckpt.get("version") != _CHECKPOINT_VERSION
+        or ckpt.get("run_id") != run_id
+        or ckpt.get("fingerprint") != config.fingerprint()
+    ):
         log.warning("ignoring checkpoint %s: it belongs to another run or config", path)
         return None
     return ckpt
@@ -352,8 +370,9 @@ def train_inner(
     ckpt = _read_checkpoint(ckpt_path, config, run_id) if ckpt_path and ctx.is_main else None
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
-    meta: dict[str, Any] | None = None if ckpt is None else {
-        k: ckpt[k] for k in ("step", "loader", "loss_sum", "last_loss")}
+    meta: dict[str, Any] | None = (
+        None if ckpt is None else {k: ckpt[k] for k in ("step", "loader", "loss_sum", "last_loss")}
+    )
     if ctx.distributed:
         box: list[Any] = [meta]
         dist.broadcast_object_list(box, src=0)
@@ -362,8 +381,10 @@ def train_inner(
     net: nn.Module = raw
     if ctx.distributed:  # wrapping broadcasts rank 0's weights (base or checkpoint)
         net = DistributedDataParallel(
-            raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            raw,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     opt = _make_optimizer(raw, config, ctx.device)
 
     start_step, prev_loss_sum, last_loss = 0, 0.0, math.nan
@@ -382,16 +403,24 @@ def train_inner(
         sums = _all_mean([float(run_loss_sum), float(step_loss)], ctx)
         if ctx.is_main and ckpt_path is not None:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({
-                "version": _CHECKPOINT_VERSION, "run_id": run_id,
-                "fingerprint": config.fingerprint(), "step": done,
-                "model": raw.state_dict(), "optimizer": opt.state_dict(),
-                "loader": loader.state_dict(),
-                "loss_sum": prev_loss_sum + sums[0], "last_loss": sums[1],
-            }, ckpt_path)
+            _save_atomic(
+                {
+                    "version": _CHECKPOINT_VERSION,
+                    "run_id": run_id,
+                    "fingerprint": config.fingerprint(),
+                    "step": done,
+                    "model": raw.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "loader": loader.state_dict(),
+                    "loss_sum": prev_loss_sum + sums[0],
+                    "last_loss": sums[1],
+                },
+                ckpt_path,
+            )
 
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                              enabled=ctx.device.type == "cuda")
+    autocast = torch.autocast(
+        ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"
+    )
     run_loss_sum = torch.zeros((), device=ctx.device)
     step_loss = torch.zeros((), device=ctx.device)
     loop_started = time.perf_counter()
@@ -412,8 +441,9 @@ def train_inner(
                 sync = net.no_sync()
             with sync:
                 with autocast:
-                    loss = net(x.to(ctx.device, non_blocking=True),
-                               y.to(ctx.device, non_blocking=True))
+                    loss = net(
+                        x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                    )
                 (loss / accum).backward()
             step_loss += loss.detach() / accum
         if config.grad_clip > 0:

@@ -127,7 +127,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = (
             nn.Embedding(config.max_seq_len, config.d_model)
-            if config.positions == "learned" else None
+            if config.positions == "learned"
+            else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -167,14 +168,15 @@ def init_weights(model: GPT, seed: int) -> None:
         elif param.ndim == 1:
             param.fill_(1.0)
         else:
-            std = residual_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else (
-                config.init_std
+            std = (
+                residual_std
+                if name.endswith(("attn.proj.weight", "mlp.proj.weight"))
+                else (config.init_std)
             )
             param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=gen))
 
 
-def build_gpt(config: GPTConfig, *, seed: int = 0,
-              device: torch.device | str = "cpu") -> GPT:
+def build_gpt(config: GPTConfig, *, seed: int = 0, device: torch.device | str = "cpu") -> GPT:
     """Allocate on ``device`` without a throw-away default init, then init from ``seed``."""
     with torch.device("meta"):
         model = GPT(config)

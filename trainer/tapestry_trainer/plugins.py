@@ -77,7 +77,8 @@ def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu") -> nn.Mo
         model = factory(dict(spec.options))
     if not isinstance(model, nn.Module):
         raise PluginError(
-            f"{spec.factory!r} returned {type(model).__name__}, expected torch.nn.Module")
+            f"{spec.factory!r} returned {type(model).__name__}, expected torch.nn.Module"
+        )
     return model.to(device)
 
 
@@ -87,6 +88,8 @@ def build_loader(ctx: LoaderContext, factory: str | None = None) -> BatchLoader:
         return ShardLoader(ctx)
     loader = resolve(factory)(ctx)
     if not isinstance(loader, BatchLoader):
-        raise PluginError(f"{factory!r} returned {type(loader).__name__}, which lacks "
-                          "next_batch/state_dict/load_state_dict")
+        raise PluginError(
+            f"{factory!r} returned {type(loader).__name__}, which lacks "
+            "next_batch/state_dict/load_state_dict"
+        )
     return loader

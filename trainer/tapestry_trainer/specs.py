@@ -105,16 +105,37 @@ PRESETS: dict[str, GPTConfig] = {
     # Trains in seconds on two CPU cores: the demo and the test suite use it.
     "tiny": GPTConfig(name="tiny"),
     "small": GPTConfig(
-        name="small", d_model=384, n_layers=6, n_heads=6, d_ff=1024, max_seq_len=512,
-        mlp="swiglu", positions="rope", norm="rmsnorm",
+        name="small",
+        d_model=384,
+        n_layers=6,
+        n_heads=6,
+        d_ff=1024,
+        max_seq_len=512,
+        mlp="swiglu",
+        positions="rope",
+        norm="rmsnorm",
     ),
     "base": GPTConfig(
-        name="base", d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=1024,
-        mlp="swiglu", positions="rope", norm="rmsnorm",
+        name="base",
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        d_ff=2048,
+        max_seq_len=1024,
+        mlp="swiglu",
+        positions="rope",
+        norm="rmsnorm",
     ),
     "1b": GPTConfig(
-        name="1b", d_model=2048, n_layers=20, n_heads=16, d_ff=5632, max_seq_len=2048,
-        mlp="swiglu", positions="rope", norm="rmsnorm",
+        name="1b",
+        d_model=2048,
+        n_layers=20,
+        n_heads=16,
+        d_ff=5632,
+        max_seq_len=2048,
+        mlp="swiglu",
+        positions="rope",
+        norm="rmsnorm",
     ),
 }
 
@@ -150,15 +171,20 @@ class ModelSpec:
         return cls(gpt=replace(PRESETS[name], **overrides), seed=seed)
 
     @classmethod
-    def plugin(cls, factory: str, options: Mapping[str, Any] | None = None, *,
-               seed: int = 0) -> ModelSpec:
+    def plugin(
+        cls, factory: str, options: Mapping[str, Any] | None = None, *, seed: int = 0
+    ) -> ModelSpec:
         return cls(factory=factory, options=dict(options or {}), seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         if self.gpt is not None:
             return {"kind": "gpt", "gpt": asdict(self.gpt), "seed": self.seed}
-        return {"kind": "plugin", "factory": self.factory, "options": dict(self.options),
-                "seed": self.seed}
+        return {
+            "kind": "plugin",
+            "factory": self.factory,
+            "options": dict(self.options),
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
@@ -169,8 +195,9 @@ class ModelSpec:
             return cls(gpt=GPTConfig.from_dict(data["gpt"]), seed=seed)
         if kind == "plugin":
             _reject_unknown(data, {"kind", "factory", "options", "seed"}, "model")
-            return cls(factory=str(data["factory"]), options=dict(data.get("options", {})),
-                       seed=seed)
+            return cls(
+                factory=str(data["factory"]), options=dict(data.get("options", {})), seed=seed
+            )
         raise SpecError(f"model.kind must be 'gpt' or 'plugin', got {kind!r}")
 
     def param_count(self) -> int | None:

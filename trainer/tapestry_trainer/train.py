@@ -35,8 +35,11 @@ from tapestry_trainer.specs import InnerConfig, ModelSpec
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tapestry_trainer.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tapestry_trainer.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="shard set (or plug-in loader data path)")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default="tiny", help="built-in preset name")
@@ -65,12 +68,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    spec = (ModelSpec.from_dict(json.loads(args.model_spec.read_text())) if args.model_spec
-            else ModelSpec.preset(args.model, seed=args.seed))
+    spec = (
+        ModelSpec.from_dict(json.loads(args.model_spec.read_text()))
+        if args.model_spec
+        else ModelSpec.preset(args.model, seed=args.seed)
+    )
     config = InnerConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-        warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        min_lr_ratio=args.min_lr_ratio, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        min_lr_ratio=args.min_lr_ratio,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
     with distributed(device=args.device) as ctx:
         model = plugins.build_model(spec)
@@ -79,19 +92,40 @@ def main(argv: Sequence[str] | None = None) -> None:
                 load_state_arrays(model, dict(weights))
         m = micro_batch_size(config, ctx, args.micro_batch_size)
         loader = plugins.build_loader(
-            data.LoaderContext(data=args.data, rank=ctx.rank, world_size=ctx.world_size,
-                               micro_batch_size=m, seq_len=config.seq_len, seed=config.seed),
-            args.loader)
-        result = train_inner(model, loader, config, ctx, micro_batch=m,
-                             checkpoint_dir=args.checkpoint_dir, run_id="standalone")
+            data.LoaderContext(
+                data=args.data,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                micro_batch_size=m,
+                seq_len=config.seq_len,
+                seed=config.seed,
+            ),
+            args.loader,
+        )
+        result = train_inner(
+            model,
+            loader,
+            config,
+            ctx,
+            micro_batch=m,
+            checkpoint_dir=args.checkpoint_dir,
+            run_id="standalone",
+        )
         if not ctx.is_main:
             return
         metrics: dict[str, Any] = result.to_dict()
-        if args.loader is None and args.eval_batches > 0 and any(
-                f["tokens"] for f in data.load_index(args.data)["splits"]["validation"]):
+        if (
+            args.loader is None
+            and args.eval_batches > 0
+            and any(f["tokens"] for f in data.load_index(args.data)["splits"]["validation"])
+        ):
             metrics["validationLoss"] = data.evaluate(
-                model, args.data, batches=args.eval_batches, seq_len=config.seq_len,
-                batch_size=min(config.batch_size, 16))
+                model,
+                args.data,
+                batches=args.eval_batches,
+                seq_len=config.seq_len,
+                batch_size=min(config.batch_size, 16),
+            )
         if args.out is not None:
             savez: Any = np.savez  # numpy's stub mistakes **arrays for its allow_pickle flag
             savez(args.out, **state_arrays(model))

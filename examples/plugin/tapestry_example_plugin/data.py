@@ -36,7 +36,7 @@ class TextWindows:
         for g in range(first, first + m):
             rng = np.random.default_rng([self.ctx.seed, g])
             start = int(rng.integers(0, len(self.tokens) - t - 1))
-            rows.append(self.tokens[start:start + t + 1])
+            rows.append(self.tokens[start : start + t + 1])
         self.consumed += self.ctx.world_size * m
         batch = torch.from_numpy(np.stack(rows))
         return batch[:, :-1], batch[:, 1:]

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 class CharLSTM(nn.Module):
     """A byte-level LSTM language model; small, and nothing like the built-in GPT."""
 
-    def __init__(self, vocab_size: int = 258, dim: int = 64, hidden: int = 128,
-                 layers: int = 1) -> None:
+    def __init__(
+        self, vocab_size: int = 258, dim: int = 64, hidden: int = 128, layers: int = 1
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.rnn = nn.LSTM(dim, hidden, num_layers=layers, batch_first=True)
