@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -39,6 +37,7 @@ import pytest
 
 from tapestry_protocol.store import FAST_RETRY, RetryPolicy, S3Credentials, StoreError, open_store
 from tapestry_protocol.store.s3 import S3Store
+from tests.certs import CertificateAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_MINIO = REPO / "tests" / "testbin" / "build-minio.sh"
@@ -279,67 +278,12 @@ def start_seaweedfs(tmp: Path) -> S3Server:
 def make_tls_certs(directory: Path) -> Path:
     """A throwaway CA and a server cert for 127.0.0.1/localhost, in MinIO's --certs-dir
     layout (public.crt, private.key, CAs/ca.crt). Returns the directory."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("tapestry test CA"))
-        .issuer_name(name("tapestry test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = CertificateAuthority(directory / "authority")
+    server = ca.issue("server", "127.0.0.1", ips=("127.0.0.1",), dns=("localhost",), server=True)
     (directory / "CAs").mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    (directory / "CAs" / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
-    (directory / "public.crt").write_bytes(cert.public_bytes(pem))
-    (directory / "private.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    shutil.copyfile(ca.pair.cert, directory / "CAs" / "ca.crt")
+    shutil.copyfile(server.cert, directory / "public.crt")
+    shutil.copyfile(server.key, directory / "private.key")
     return directory
 
 

@@ -28,7 +28,7 @@ from typing import TextIO
 
 import yaml
 
-from tests.kube.certs import CertificateAuthority, CertPair, write_signing_key
+from tests.certs import CertificateAuthority, CertPair, write_signing_key
 from tests.kube.client import ApiError, KubeClient
 from tests.kube.proc import die_with_parent
 
