@@ -38,6 +38,7 @@ import pytest
 from tapestry_protocol.store import FAST_RETRY, RetryPolicy, S3Credentials, StoreError, open_store
 from tapestry_protocol.store.s3 import S3Store
 from tests.certs import CertificateAuthority
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_MINIO = REPO / "tests" / "testbin" / "build-minio.sh"
@@ -53,13 +54,6 @@ def skip_if_s3_disabled() -> None:
     """Skip the calling test when TAPESTRY_SKIP_S3=1, saying so; never skip otherwise."""
     if os.environ.get("TAPESTRY_SKIP_S3") == "1":
         pytest.skip("TAPESTRY_SKIP_S3=1 is set: real S3 servers (MinIO, SeaweedFS) not started")
-
-
-def free_port() -> int:
-    """A currently free loopback port (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -202,7 +196,7 @@ def start_minio(tmp: Path, *, certs_dir: Path | None = None) -> S3Server:
     """MinIO on a free port; with `certs_dir` (public.crt/private.key) it serves HTTPS."""
     binary = minio_binary()
     tmp.mkdir(parents=True, exist_ok=True)
-    port, console_port = free_port(), free_port()
+    port, console_port = free_ports(2)
     access_key, secret_key = "tapestry-" + secrets.token_hex(4), secrets.token_urlsafe(24)
     argv = [
         str(binary), "server", "--quiet",
@@ -254,8 +248,10 @@ def start_seaweedfs(tmp: Path) -> S3Server:
     }
     config.write_text(json.dumps({"identities": [identity]}))
     config.chmod(0o600)
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: free_port() for name in ports}
+    names = ("master", "volume", "filer", "s3")
+    chosen = free_ports(2 * len(names))
+    ports = dict(zip(names, chosen[: len(names)], strict=True))
+    grpc = dict(zip(names, chosen[len(names) :], strict=True))
     argv = [
         str(binary), "server", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=0",

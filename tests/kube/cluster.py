@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import yaml
 from tests.certs import CertificateAuthority, CertPair, write_signing_key
 from tests.kube.client import ApiError, KubeClient
 from tests.kube.proc import die_with_parent
+from tests.ports import free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "testbin" / "build-kube.sh"
@@ -68,13 +68,6 @@ def ensure_binaries(progress: TextIO | None = None) -> Path:
             f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its last output:\n" + "".join(tail)
         )
     return Path(out[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Component:
@@ -199,7 +192,7 @@ class ControlPlane:
 
         def etcd_argv() -> list[str]:
             nonlocal etcd_port
-            etcd_port, peer = free_port(), free_port()
+            etcd_port, peer = free_ports(2)
             client_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer}"
             return [
                 str(self.bin_dir / "etcd"),

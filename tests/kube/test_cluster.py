@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from tests.kube.client import ApiError, KubeClient, Obj
 from tests.kube.cluster import REPO_ROOT, KubeCluster
 from tests.kube.helpers import Kube
+from tests.ports import free_port
 
 pytestmark = pytest.mark.kube
 
@@ -49,13 +49,6 @@ def job(
         "metadata": {"name": name},
         "spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_warm_start_is_fast(kube_cluster: KubeCluster) -> None:

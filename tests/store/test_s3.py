@@ -30,10 +30,10 @@ from tapestry_protocol.store import (
     open_store,
 )
 from tapestry_protocol.store.s3 import S3Store
+from tests.ports import free_port
 from tests.s3servers import (
     FaultProxy,
     S3Server,
-    free_port,
     make_tls_certs,
     skip_if_s3_disabled,
     start_minio,
