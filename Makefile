@@ -32,9 +32,10 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/tapestry local run --fresh
 
-## bench: aggregation benchmark (streaming vs load-everything), results in bench/results/
+## bench: aggregation (streaming vs load-everything) and cluster start; results in bench/results/
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
+	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
 
 ## lint: ruff and mypy, as CI would
 lint: setup
