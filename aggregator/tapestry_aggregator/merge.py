@@ -57,7 +57,6 @@ class _Rejection(Exception):
 @dataclass
 class MergeStats:
     bytes_read: int = 0
-    shards: int = 0
     passes: int = 0
     delta_norms: dict[str, float] = field(default_factory=dict)
 
@@ -305,7 +304,6 @@ def _merge(
                         "fp32",
                     )
                 uploads.append((base_upload, state_upload))
-                stats.shards += 1
                 if progress:
                     progress("merge", shard + 1, len(base_refs))
         out_base = [b.result() for b, _ in uploads]

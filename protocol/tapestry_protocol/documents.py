@@ -42,9 +42,6 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
 
 @cache
 def schema(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:

@@ -8,11 +8,9 @@ and each shard's size and sha256 before using any byte of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from tapestry_protocol import documents, rejections
 from tapestry_protocol.documents import check_identity, now_rfc3339
@@ -418,7 +416,3 @@ def _check_shard_layout(update: Verified, base: Verified) -> None:
                 rejections.TENSOR_MISMATCH,
                 f"{update.key}: shard {i} does not hold the same tensors as the base",
             )
-
-
-def is_finite(arrays: Iterable[FloatArray]) -> bool:
-    return all(bool(np.isfinite(a).all()) for a in arrays)

@@ -24,7 +24,6 @@ WRONG_PLAN = "WrongPlan"
 WRONG_BASE = "WrongBase"
 TENSOR_MISMATCH = "TensorMismatch"
 NON_FINITE = "NonFiniteValues"
-LATE = "MissedDeadline"
 TRAINING_FAILED = "TrainingFailed"
 
 ALL_REASONS = frozenset(
@@ -46,7 +45,6 @@ ALL_REASONS = frozenset(
         WRONG_BASE,
         TENSOR_MISMATCH,
         NON_FINITE,
-        LATE,
         TRAINING_FAILED,
     }
 )

@@ -179,15 +179,6 @@ def from_bf16_bits(bits: npt.NDArray[np.uint16]) -> FloatArray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def as_float32(tensor: Tensor) -> FloatArray:
-    """Any floating tensor as float32 (bf16 patterns widened exactly)."""
-    if tensor.dtype == "BF16":
-        return from_bf16_bits(tensor.array)
-    if tensor.dtype in ("F32", "F16", "F64"):
-        return tensor.array.astype(np.float32, copy=False)
-    raise ValueError(f"tensor of dtype {tensor.dtype} is not floating point")
-
-
 # --- delta encodings ---------------------------------------------------------------
 
 

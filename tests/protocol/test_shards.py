@@ -12,7 +12,6 @@ import safetensors.numpy
 from tapestry_protocol.shards import (
     ShardFormatError,
     Tensor,
-    as_float32,
     decode_delta,
     decode_safetensors,
     encode_delta,
@@ -109,11 +108,6 @@ def test_int8_keeps_zero_blocks_exact() -> None:
     delta[300] = 5.0
     restored = decode_delta(encode_delta("z", delta, "int8"), "z", "int8")
     np.testing.assert_array_equal(restored, delta)
-
-
-def test_as_float32_widens_bf16_exactly() -> None:
-    bits = to_bf16_bits(np.array([1.5, -2.0], dtype=np.float32))
-    np.testing.assert_array_equal(as_float32(Tensor("BF16", bits)), [1.5, -2.0])
 
 
 def test_plan_shards_respects_the_size_limit_and_order() -> None:
