@@ -278,9 +278,12 @@ class Federation:
             p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     @staticmethod
-    def _last_progress(p: Participant) -> dict[str, Any]:
+    def _last_progress(p: Participant, tail: int = 4096) -> dict[str, Any]:
+        """The newest complete record; only the file's tail is read, however long the run."""
         try:
-            lines = p.progress_file.read_text().splitlines()
+            with p.progress_file.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+                lines = f.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
             return {}
         for line in reversed(lines):

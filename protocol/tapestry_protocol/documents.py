@@ -42,7 +42,6 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-
 @cache
 def schema(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
     text = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from tapestry_protocol import documents, rejections
@@ -42,8 +43,9 @@ class Verified:
     document: dict[str, Any]
     sha256: str
 
-    @property
+    @cached_property
     def shards(self) -> list[ShardRef]:
+        """Parsed once: the merge looks shards up for every participant and shard."""
         return [ShardRef.from_json(s) for s in self.document["shards"]]
 
     @property

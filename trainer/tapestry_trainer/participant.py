@@ -179,10 +179,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     progress = args.progress if ctx.is_main else None
 
     def on_step(info: StepInfo) -> None:
-        if progress is not None:
-            with progress.open("a") as f:
-                f.write(json.dumps({"step": info.step, "of": config.steps, "loss": info.loss}))
-                f.write("\n")
+        _append(progress, {"step": info.step, "of": config.steps, "loss": info.loss})
 
     run_id = f"{args.federation}/{args.round}/{args.name}"
     checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
@@ -213,10 +210,15 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         "bytesUploaded": update.document["metrics"]["bytesUploaded"],
         "uploadSeconds": round(time.perf_counter() - started, 3),
     }
+    _append(progress, summary)
+    return summary
+
+
+def _append(progress: Path | None, record: dict[str, Any]) -> None:
+    """One JSON line for whoever watches this run (the local runner tails the file)."""
     if progress is not None:
         with progress.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
-    return summary
+            f.write(json.dumps(record) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
