@@ -37,6 +37,8 @@ from tapestry_trainer.specs import InnerConfig, ModelSpec  # noqa: E402
 pytestmark = pytest.mark.torch
 
 SPEC = ModelSpec.preset("tiny", seed=0)  # what `train --model tiny --seed 0` builds
+# Dropout draws random numbers every step, so resuming must restore the RNG stream too.
+NOISY_SPEC = ModelSpec.preset("tiny", seed=0, dropout=0.1)
 CLI_ARGS = [
     "--model",
     "tiny",
@@ -75,8 +77,9 @@ def _train(
     ckpt: Path | None = None,
     run_id: str = "standalone",
     on_step: Callable[[StepInfo], None] | None = None,
+    spec: ModelSpec = SPEC,
 ) -> tuple[nn.Module, InnerResult]:
-    model = build_model(SPEC)
+    model = build_model(spec)
     ctx = LoaderContext(
         data=str(shard_dir),
         rank=0,
@@ -151,11 +154,12 @@ def test_micro_batch_size_must_split_the_global_batch() -> None:
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(shard_dir: Path, tmp_path: Path) -> None:
     config = _config(steps=6, checkpoint_every=2)
-    full, full_result = _train(shard_dir, config, ckpt=tmp_path / "a")
-    plain, _ = _train(shard_dir, _config(steps=6))  # checkpointing changes nothing
+    full, full_result = _train(shard_dir, config, ckpt=tmp_path / "a", spec=NOISY_SPEC)
+    plain, _ = _train(shard_dir, _config(steps=6), spec=NOISY_SPEC)  # checkpoints change nothing
     with pytest.raises(Interrupted):
-        _train(shard_dir, config, ckpt=tmp_path / "b", on_step=_interrupt_after(3))
-    resumed, result = _train(shard_dir, config, ckpt=tmp_path / "b")
+        _train(shard_dir, config, ckpt=tmp_path / "b", on_step=_interrupt_after(3),
+               spec=NOISY_SPEC)  # fmt: skip
+    resumed, result = _train(shard_dir, config, ckpt=tmp_path / "b", spec=NOISY_SPEC)
 
     expected = full.state_dict()
     for other in (plain, resumed):
@@ -166,21 +170,30 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(shard_dir: Path, tmp_pa
     assert result.tokens == full_result.tokens == 6 * 8 * 32
 
     # A finished run's checkpoint answers a repeated call at once, with the same weights.
-    again, again_result = _train(shard_dir, config, ckpt=tmp_path / "a")
+    again, again_result = _train(shard_dir, config, ckpt=tmp_path / "a", spec=NOISY_SPEC)
     assert again_result.resumed_from == 6
     assert all(torch.equal(expected[k], v) for k, v in again.state_dict().items())
     # Another run (next round, other participant) ignores the checkpoint.
-    _, fresh = _train(shard_dir, config, ckpt=tmp_path / "a", run_id="round-2")
+    _, fresh = _train(shard_dir, config, ckpt=tmp_path / "a", run_id="round-2", spec=NOISY_SPEC)
     assert fresh.resumed_from == 0
 
 
 def test_gradient_accumulation_matches_one_big_batch(shard_dir: Path) -> None:
     config = _config(steps=3)
-    big, _ = _train(shard_dir, config)
-    accumulated, _ = _train(shard_dir, config, micro=2)
+    big, big_result = _train(shard_dir, config)
+    accumulated, result = _train(shard_dir, config, micro=2)
     expected = big.state_dict()
     for name, value in accumulated.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=2e-5, rtol=1e-4)
+    assert result.mean_loss == pytest.approx(big_result.mean_loss, rel=1e-5)
+    # AdamW hides a constant gradient scale, so compare the gradients themselves.
+    one_step = _config(steps=1, grad_clip=0)
+    big, _ = _train(shard_dir, one_step)
+    accumulated, _ = _train(shard_dir, one_step, micro=2)
+    grads = dict(big.named_parameters())
+    for name, param in accumulated.named_parameters():
+        assert param.grad is not None and grads[name].grad is not None
+        torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-6, rtol=1e-4)
 
 
 def _torchrun(args: list[str], tmp_path: Path) -> dict[str, object]:
