@@ -437,7 +437,8 @@ class Federation:
 
     def _report(self, store: Any, base: Any) -> dict[str, Any]:
         from tapestry_protocol.exchange import load_tensors
-        from tapestry_trainer.baseline import evaluate_arrays, load_arrays
+        from tapestry_trainer.baseline import evaluate_arrays
+        from tapestry_trainer.inner import load_arrays
 
         models: dict[str, Any] = {"shared (federated)": load_tensors(store, base)}
         if not self.args.no_baseline:
@@ -445,11 +446,10 @@ class Federation:
                 models[f"local-only {name}"] = load_arrays(path)
         losses: dict[str, dict[str, float]] = {}
         with console.status("evaluating every model on every participant's held-out data"):
+            data = [str(p.data) for p in self.people]
             for label, arrays in models.items():
-                losses[label] = {
-                    p.name: evaluate_arrays(self.spec, arrays, str(p.data), self.config)
-                    for p in self.people
-                }
+                values = evaluate_arrays(self.spec, arrays, data, self.config)
+                losses[label] = {p.name: v for p, v in zip(self.people, values, strict=True)}
         averages = {label: sum(v.values()) / len(v) for label, v in losses.items()}
         table = Table(title="validation loss (nats/byte) on each participant's held-out data")
         table.add_column("model")

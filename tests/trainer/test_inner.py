@@ -26,6 +26,7 @@ from tapestry_trainer.inner import (  # noqa: E402
     DistContext,
     InnerResult,
     StepInfo,
+    load_arrays,
     load_state_arrays,
     micro_batch_size,
     state_arrays,
@@ -232,14 +233,9 @@ def _torchrun(args: list[str], tmp_path: Path) -> dict[str, object]:
     return result
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return dict(data)
-
-
 @pytest.fixture(scope="module")
 def one_process(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("one") / "one.npz"
+    out = tmp_path_factory.mktemp("one") / "one.safetensors"
     train.main([*CLI_ARGS, "--data", str(shard_dir), "--out", str(out)])
     return out
 
@@ -254,13 +250,13 @@ def _assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 def test_ddp_two_processes_match_one_process(
     shard_dir: Path, one_process: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "ddp.npz"
+    out = tmp_path / "ddp.safetensors"
     metrics = _torchrun([*CLI_ARGS, "--data", str(shard_dir), "--out", str(out)], tmp_path)
     assert metrics["steps"] == 4 and metrics["tokens"] == 4 * 8 * 32
-    _assert_close(_load(out), _load(one_process))
+    _assert_close(load_arrays(out), load_arrays(one_process))
     # Training really moved the weights, so the comparison above means something.
     start = state_arrays(build_model(SPEC))
-    assert np.abs(_load(out)["tok_emb.weight"] - start["tok_emb.weight"]).max() > 1e-3
+    assert np.abs(load_arrays(out)["tok_emb.weight"] - start["tok_emb.weight"]).max() > 1e-3
 
 
 @pytest.mark.slow
@@ -271,7 +267,7 @@ def test_ddp_resumes_a_checkpoint_written_by_another_world_size(
     with pytest.raises(Interrupted):  # one process gets to step 3, checkpointed at 2
         _train(shard_dir, _config(checkpoint_every=2), ckpt=ckpt, on_step=_interrupt_after(3))
     assert (ckpt / CHECKPOINT).is_file()
-    out = tmp_path / "resumed.npz"
+    out = tmp_path / "resumed.safetensors"
     metrics = _torchrun(
         [
             *CLI_ARGS,
@@ -287,4 +283,4 @@ def test_ddp_resumes_a_checkpoint_written_by_another_world_size(
         tmp_path,
     )
     assert metrics["resumedFrom"] == 2  # rank 0 read it, rank 1 got it by broadcast
-    _assert_close(_load(out), _load(one_process))
+    _assert_close(load_arrays(out), load_arrays(one_process))

@@ -4,7 +4,7 @@
 - `train_local_only`: a participant that never federates, given the same compute: the
   same R rounds of H inner steps on its own data, each round continuing from its own
   previous model (a federation of one).
-- `evaluate_arrays`: held-out loss of a set of weights on a participant's data.
+- `evaluate_arrays`: held-out loss of a set of weights on each participant's data.
 
 Run as `python -m tapestry_trainer.baseline` for the local-only training, so the local
 runner can train all baselines as parallel processes.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from tapestry_protocol.shards import FloatArray, Tensor, decode_safetensors, encode_safetensors
+from tapestry_protocol.shards import FloatArray
 from tapestry_trainer import plugins
-from tapestry_trainer.data import LoaderContext, evaluate
+from tapestry_trainer.data import evaluate
 from tapestry_trainer.inner import (
     DistContext,
     load_state_arrays,
-    micro_batch_size,
+    save_arrays,
     state_arrays,
     train_inner,
 )
@@ -42,16 +42,7 @@ def train_local_only(
 ) -> dict[str, FloatArray]:
     model = plugins.build_model(spec)
     for r in range(rounds):
-        loader = plugins.build_loader(
-            LoaderContext(
-                data=data,
-                rank=0,
-                world_size=1,
-                micro_batch_size=micro_batch_size(config, DistContext()),
-                seq_len=config.seq_len,
-                seed=config.seed,
-            )
-        )
+        loader = plugins.loader_for(data, config, DistContext())
         train_inner(
             model, loader, config, checkpoint_dir=workdir / f"round-{r}", run_id=f"local-only/{r}"
         )
@@ -59,23 +50,12 @@ def train_local_only(
 
 
 def evaluate_arrays(
-    spec: ModelSpec, arrays: Mapping[str, FloatArray], data: str, config: InnerConfig
-) -> float:
+    spec: ModelSpec, arrays: Mapping[str, FloatArray], data: Sequence[str], config: InnerConfig
+) -> list[float]:
+    """Held-out loss of one set of weights on each data directory (one model build)."""
     model = plugins.build_model(spec)
     load_state_arrays(model, arrays)
-    return evaluate(model, data, seq_len=config.seq_len, batch_size=config.batch_size)
-
-
-def save_arrays(arrays: Mapping[str, FloatArray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(encode_safetensors({n: Tensor.of(a) for n, a in arrays.items()}))
-    tmp.replace(path)
-
-
-def load_arrays(path: Path) -> dict[str, FloatArray]:
-    tensors, _ = decode_safetensors(path.read_bytes())
-    return {n: t.array for n, t in tensors.items()}
+    return [evaluate(model, d, seq_len=config.seq_len, batch_size=config.batch_size) for d in data]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

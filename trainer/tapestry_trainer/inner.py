@@ -6,8 +6,7 @@ The torchrun entry point (``tapestry_trainer.participant``) calls, in this order
     model = plugins.build_model(spec)                 # same init on every rank
     if ctx.is_main:
         load_state_arrays(model, base_arrays)         # base fetched and verified on rank 0
-    loader = plugins.build_loader(LoaderContext(data, ctx.rank, ctx.world_size,
-                                                micro_batch_size(config, ctx), ...))
+    loader = plugins.loader_for(data, config, ctx)    # this rank's slice of each batch
     result = train_inner(model, loader, config, ctx, checkpoint_dir=..., run_id=...)
     if ctx.is_main:
         local = state_arrays(model)                   # delta = base - local, upload
@@ -49,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tapestry_protocol import shards
 from tapestry_trainer.data import BatchLoader
 from tapestry_trainer.specs import InnerConfig
 
@@ -175,6 +175,19 @@ def state_arrays(model: nn.Module) -> dict[str, FloatArray]:
         name: t.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
         for name, t in _exchanged(model).items()
     }
+
+
+def save_arrays(arrays: Mapping[str, FloatArray], path: Path) -> None:
+    """Write exchanged weights as a safetensors file, atomically (the wire format too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(shards.encode_safetensors({n: shards.Tensor.of(a) for n, a in arrays.items()}))
+    tmp.replace(path)
+
+
+def load_arrays(path: Path) -> dict[str, FloatArray]:
+    tensors, _ = shards.decode_safetensors(path.read_bytes())
+    return {n: t.array for n, t in tensors.items()}
 
 
 @torch.no_grad()

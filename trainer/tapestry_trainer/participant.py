@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch.distributed as dist
@@ -37,15 +37,13 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.signing import SigningKey, load_signing_key
-from tapestry_protocol.store import StoreError, open_store
+from tapestry_protocol.store import ObjectStore, StoreError, open_store
 from tapestry_trainer import plugins
-from tapestry_trainer.data import LoaderContext
 from tapestry_trainer.inner import (
     DistContext,
     StepInfo,
     init_distributed,
     load_state_arrays,
-    micro_batch_size,
     shutdown_distributed,
     state_arrays,
     train_inner,
@@ -113,9 +111,18 @@ def _require(args: argparse.Namespace) -> None:
         raise ParticipantError(f"missing {', '.join(missing)} (or their TAPESTRY_* variables)")
 
 
-def _fetch(
-    args: argparse.Namespace,
-) -> tuple[Any, Layout, Verified, Verified, dict[str, Any], SigningKey]:
+class Fetched(NamedTuple):
+    """What rank 0 verified before training."""
+
+    store: ObjectStore
+    layout: Layout
+    plan: Verified
+    base: Verified
+    base_arrays: dict[str, FloatArray]
+    signer: SigningKey
+
+
+def _fetch(args: argparse.Namespace) -> Fetched:
     """Rank 0: load the signing key, open the store, verify plan and base, load the base.
 
     Everything that can be checked before training is, so a bad key or a forged plan
@@ -139,7 +146,7 @@ def _fetch(
         raise ParticipantError(f"refusing round {args.round}: {e}") from None
     except (StoreError, ValueError) as e:
         raise ParticipantError(f"cannot read round {args.round} from {args.store}: {e}") from None
-    return store, layout, plan, base, arrays, signer
+    return Fetched(store, layout, plan, base, arrays, signer)
 
 
 def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         except ParticipantError as e:
             failure = str(e)
     # Rank 0 tells the others the plan, or that there is none, so nobody waits forever.
-    shared: list[Any] = [fetched[2].document if fetched else {"error": failure}]
+    shared: list[Any] = [fetched.plan.document if fetched else {"error": failure}]
     if ctx.distributed:
         dist.broadcast_object_list(shared, src=0)
     plan_document: dict[str, Any] = shared[0]
@@ -164,18 +171,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         raise ParticipantError(f"the plan's model or hyperparameters are unusable: {e}") from None
     model = plugins.build_model(spec)
     if fetched is not None:
-        load_state_arrays(model, fetched[4])
-    loader = plugins.build_loader(
-        LoaderContext(
-            data=args.data,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            micro_batch_size=micro_batch_size(config, ctx),
-            seq_len=config.seq_len,
-            seed=config.seed,
-        ),
-        args.loader,
-    )
+        load_state_arrays(model, fetched.base_arrays)
+    loader = plugins.loader_for(args.data, config, ctx, factory=args.loader)
     progress = args.progress if ctx.is_main else None
 
     def on_step(info: StepInfo) -> None:
@@ -184,23 +181,19 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     run_id = f"{args.federation}/{args.round}/{args.name}"
     checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
     result = train_inner(
-        model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id, on_step=on_step
-    )
+        model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id,
+        on_step=on_step if progress is not None else None,  # no per-step loss sync otherwise
+    )  # fmt: skip
     if fetched is None:
         return None
-    store, layout, plan, base, base_arrays, signer = fetched
-    delta = compute_delta(base_arrays, state_arrays(model))
+    delta = compute_delta(fetched.base_arrays, state_arrays(model))
+    metrics: dict[str, float | str | None] = {**result.to_dict(), "worldSize": ctx.world_size}
+    metrics["trainLoss"] = metrics.pop("meanLoss")  # the protocol's name for it
     started = time.perf_counter()
     update = publish_update(
-        store,
-        layout,
-        plan,
-        base,
-        delta,
-        signer,
-        tokens=result.tokens,
-        metrics={**result.to_dict(), "trainLoss": result.mean_loss, "worldSize": ctx.world_size},
-    )
+        fetched.store, fetched.layout, fetched.plan, fetched.base, delta, fetched.signer,
+        tokens=result.tokens, metrics=metrics,
+    )  # fmt: skip
     summary = {
         "event": "uploaded",
         "manifest": update.key,

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from tapestry_trainer.data import BatchLoader, LoaderContext, ShardLoader
+from tapestry_trainer.inner import DistContext, micro_batch_size
 from tapestry_trainer.model import build_gpt
-from tapestry_trainer.specs import ModelSpec
+from tapestry_trainer.specs import InnerConfig, ModelSpec
 
 
 class PluginError(Exception):
@@ -80,6 +81,28 @@ def build_model(spec: ModelSpec, *, device: torch.device | str = "cpu") -> nn.Mo
             f"{spec.factory!r} returned {type(model).__name__}, expected torch.nn.Module"
         )
     return model.to(device)
+
+
+def loader_for(
+    data: str,
+    config: InnerConfig,
+    ctx: DistContext,
+    *,
+    micro_batch: int | None = None,
+    factory: str | None = None,
+) -> BatchLoader:
+    """This rank's loader for an inner run of ``config`` (see :func:`build_loader`)."""
+    return build_loader(
+        LoaderContext(
+            data=data,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            micro_batch_size=micro_batch_size(config, ctx, micro_batch),
+            seq_len=config.seq_len,
+            seed=config.seed,
+        ),
+        factory,
+    )
 
 
 def build_loader(ctx: LoaderContext, factory: str | None = None) -> BatchLoader:
