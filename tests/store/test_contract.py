@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -25,7 +27,11 @@ from tapestry_protocol.store import (
     ObjectExists,
     ObjectNotFound,
     ObjectStore,
+    RetryPolicy,
+    StoreError,
+    open_store,
 )
+from tests.s3servers import FaultProxy
 from tests.store.conftest import TEST_PART_SIZE, Backend
 
 MiB = 1 << 20
@@ -146,13 +152,45 @@ def test_put_stream_of_unknown_length(store: ObjectStore) -> None:
     assert store.get("stream/big") == big
 
 
-def test_get_file_replaces_destination_atomically(store: ObjectStore, tmp_path: Path) -> None:
+def test_get_file_replaces_destination_atomically(
+    store: ObjectStore, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _pattern(MiB + 1)
     store.put("blob", data)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     dest = downloads / "dest.bin"
     dest.write_bytes(b"old content")
+    # A download that fails partway leaves the old content and no temp file behind.
+    if backend.server is None:
+        real_copy = shutil.copyfileobj
+
+        def copy_then_fail(src: BinaryIO, dst: BinaryIO, length: int = 0) -> None:
+            dst.write(src.read(1000))
+            raise OSError("disk on fire")
+
+        monkeypatch.setattr(shutil, "copyfileobj", copy_then_fail)
+        with pytest.raises(OSError, match="disk on fire"):
+            store.get_file("blob", dest)
+        monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    else:
+        # Every connection is cut after 100 kB: the stat fits, the body never does.
+        proxy = FaultProxy(backend.server.endpoint, ["cut:100000"] * 20)
+        try:
+            with (
+                open_store(
+                    backend.url.replace(backend.server.endpoint, proxy.endpoint),
+                    retry=RetryPolicy(attempts=1),
+                    part_size=TEST_PART_SIZE,
+                ) as cut,
+                pytest.raises(StoreError),
+            ):
+                cut.get_file("blob", dest)
+            assert proxy.connections >= 1
+        finally:
+            proxy.close()
+    assert dest.read_bytes() == b"old content"
+    assert [p.name for p in downloads.iterdir()] == ["dest.bin"]
     info = store.get_file("blob", dest)
     assert info.size == len(data)
     assert dest.read_bytes() == data

@@ -12,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from minio import Minio
@@ -207,14 +208,35 @@ def test_download_cut_midway_resumes(server: S3Server, prefix: str, tmp_path: Pa
     data = os.urandom(3 * TEST_PART_SIZE + 123)
     with server.open("contract", prefix, part_size=TEST_PART_SIZE) as direct:
         direct.put("blob", data)
+    # Each read path gets its own proxy, so every one of them is cut (and must resume);
+    # faults on a shared proxy would all be spent by whichever call came first.
+    # iter_chunks: cut twice mid-body (resumes from where it broke), then in the headers.
     proxy = FaultProxy(server.endpoint, ["cut:3000000", "cut:7000000", "cut:100"])
     try:
         with _via(proxy, server, prefix) as store:
             assert b"".join(store.iter_chunks("blob", chunk_size=MiB)) == data
+        assert proxy.faults == []
+        assert proxy.connections >= 4
+    finally:
+        proxy.close()
+    # get_file: the stat and then the ranged GETs share the pool; the first two
+    # connections are cut mid-range (mid-body or in the headers) and must be re-fetched.
+    proxy = FaultProxy(server.endpoint, ["cut:3000000", "cut:2000000"])
+    try:
+        with _via(proxy, server, prefix) as store:
             store.get_file("blob", tmp_path / "blob")
             assert (tmp_path / "blob").read_bytes() == data
+        assert proxy.faults == []
+        assert proxy.connections >= 3  # two cut, at least one more for the re-fetch
+    finally:
+        proxy.close()
+    # get: one ranged GET, cut mid-body.
+    proxy = FaultProxy(server.endpoint, ["cut:1000000"])
+    try:
+        with _via(proxy, server, prefix) as store:
             assert store.get("blob", offset=10, length=5 * MiB) == data[10 : 10 + 5 * MiB]
-        assert proxy.connections >= 4
+        assert proxy.faults == []
+        assert proxy.connections >= 2
     finally:
         proxy.close()
 
@@ -250,7 +272,12 @@ def test_lost_response_to_a_winning_conditional_put_still_wins(
     [("minio", "native"), ("minio", "single-put"), ("seaweedfs", "single-put")],
 )
 def test_both_conditional_commit_paths_race_correctly(
-    request: pytest.FixtureRequest, server_name: str, mode: str, prefix: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    server_name: str,
+    mode: str,
+    prefix: str,
+    tmp_path: Path,
 ) -> None:
     """`auto` picks one commit path per server; each must be correct wherever forced."""
     server: S3Server = request.getfixturevalue(f"{server_name}_server")
@@ -261,6 +288,18 @@ def test_both_conditional_commit_paths_race_correctly(
         open_store(url, create=True, retry=FAST_RETRY, part_size=TEST_PART_SIZE) as store,
         ThreadPoolExecutor(3) as pool,
     ):
+        assert isinstance(store, S3Store)
+        assert store._conditional_multipart == mode
+        # Count which commit path each put takes: the forced one, and only it.
+        calls = {"_put_streamed": 0, "_put_multipart": 0}
+        for method in calls:
+            real = getattr(store, method)
+
+            def counted(*args: object, _real: Any = real, _method: str = method) -> Any:
+                calls[_method] += 1  # under the GIL; exact enough for this count
+                return _real(*args)
+
+            monkeypatch.setattr(store, method, counted)
         for trial in range(3):
             key = f"shard-{trial}"
             barrier = threading.Barrier(3)
@@ -275,6 +314,8 @@ def test_both_conditional_commit_paths_race_correctly(
 
             assert sorted(pool.map(attempt, range(3))) == [False, False, True]
             assert store.get(key) == src.read_bytes()
+        expected = "_put_multipart" if mode == "native" else "_put_streamed"
+        assert calls == {**dict.fromkeys(calls, 0), expected: 9}
 
 
 # -- crashes --------------------------------------------------------------------------

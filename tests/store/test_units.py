@@ -149,6 +149,17 @@ def test_open_store_s3_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(store, S3Store)
     assert (store.bucket, store.prefix) == ("bucket", "pre/")
     assert "sk-secret" not in repr(store) + str(store) + store.url
+    # The URL parameter reaches the store, and decides the commit path without a probe
+    # (port 1 would refuse the probe).
+    assert store._conditional_multipart == "single-put"
+    assert store._has_native_conditional_multipart() is False
+    native = open_store("http://127.0.0.1:1/bucket?conditional_multipart=native")
+    assert isinstance(native, S3Store)
+    assert native._conditional_multipart == "native"
+    assert native._has_native_conditional_multipart() is True
+    auto = open_store("http://127.0.0.1:1/bucket")
+    assert isinstance(auto, S3Store)
+    assert auto._conditional_multipart == "auto"
     with pytest.raises(ValueError, match="conditional_multipart"):
         open_store("s3://bucket?endpoint=http://h:1&conditional_multipart=maybe")
     with pytest.raises(ValueError, match="part_size"):
