@@ -48,6 +48,7 @@ def test_a_key_cannot_also_be_a_directory(tmp_path: Path) -> None:
 
 def test_crashed_writers_temp_files_are_invisible_and_swept(tmp_path: Path) -> None:
     store = FilesystemStore(tmp_path, create=True)
+    (tmp_path / ".tapestry-tmp").mkdir()
     fresh = tmp_path / ".tapestry-tmp" / "put-fresh"
     stale = tmp_path / ".tapestry-tmp" / "put-stale"
     fresh.write_bytes(b"half a delta")
@@ -55,8 +56,16 @@ def test_crashed_writers_temp_files_are_invisible_and_swept(tmp_path: Path) -> N
     old = time.time() - 2 * 24 * 3600
     os.utime(stale, (old, old))
     assert list(store.list("")) == []
-    FilesystemStore(tmp_path)  # opening sweeps temp files older than a day
+    FilesystemStore(tmp_path).put("k", b"v")  # the first write sweeps files older than a day
     assert fresh.exists() and not stale.exists()
+
+
+def test_opening_a_store_to_read_writes_nothing(tmp_path: Path) -> None:
+    FilesystemStore(tmp_path, create=True).put("k", b"v")
+    (tmp_path / ".tapestry-tmp").rmdir()
+    reader = FilesystemStore(tmp_path)
+    assert reader.get("k") == b"v" and [o.key for o in reader.list("")] == ["k"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]
 
 
 def test_missing_root_is_a_configuration_error(tmp_path: Path) -> None:

@@ -104,6 +104,14 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+DEFAULT_CHUNK = 8 << 20
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
 def check_range(offset: int, length: int | None) -> None:
     """Reject negative ranges up front, the same way on every backend."""
     if offset < 0 or (length is not None and length < 0):
@@ -146,7 +154,7 @@ class ObjectStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def iter_chunks(self, key: str, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
         """Stream the object in chunks without holding it all in memory."""
 
     @abc.abstractmethod

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from ._localfile import atomic_download
 from .base import (
+    DEFAULT_CHUNK,
     RESERVED_SEGMENT_PREFIX,
     AccessDenied,
     BucketNotFound,
@@ -34,6 +35,7 @@ from .base import (
     ObjectNotFound,
     ObjectStore,
     StoreError,
+    check_chunk_size,
     check_range,
     validate_key,
     validate_prefix,
@@ -66,8 +68,7 @@ class FilesystemStore(ObjectStore):
                 "(create it, or open the store with create=True)"
             )
         self._tmp = self.root / _TMP_DIR
-        self._tmp.mkdir(exist_ok=True)
-        self._sweep_stale_temp_files()
+        self._tmp_ready = False
 
     def __repr__(self) -> str:
         return f"FilesystemStore({self.url!r})"
@@ -86,7 +87,7 @@ class FilesystemStore(ObjectStore):
 
     def _publish(self, key: str, fill: Callable[[BinaryIO], object], if_absent: bool) -> ObjectInfo:
         final = self._path(key)
-        tmp = self._tmp / f"put-{uuid.uuid4().hex}"
+        tmp = self._temp_dir() / f"put-{uuid.uuid4().hex}"
         try:
             with open(tmp, "xb") as f:
                 fill(f)
@@ -144,9 +145,8 @@ class FilesystemStore(ObjectStore):
             shutil.copyfileobj(src, dst, _COPY_BUFFER)
         return ObjectInfo(key, st.st_size, _etag(st))
 
-    def iter_chunks(self, key: str, chunk_size: int = 8 << 20) -> Iterator[bytes]:
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    def iter_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+        check_chunk_size(chunk_size)
         return _chunks(self._open(key), chunk_size)
 
     def stat(self, key: str) -> ObjectInfo:
@@ -235,6 +235,15 @@ class FilesystemStore(ObjectStore):
         if exc.errno in (errno.EACCES, errno.EPERM):
             return AccessDenied(f"{what} {key!r} in {self.url}: permission denied", key)
         return StoreError(f"{what} {key!r} in {self.url} failed: {exc}", key)
+
+    def _temp_dir(self) -> Path:
+        """Made, and swept of a crashed writer's leftovers, on the first write: opening a
+        store only to read it (a read-only mount, say) writes nothing."""
+        if not self._tmp_ready:
+            self._tmp.mkdir(exist_ok=True)
+            self._sweep_stale_temp_files()
+            self._tmp_ready = True
+        return self._tmp
 
     def _sweep_stale_temp_files(self) -> None:
         cutoff = time.time() - _STALE_TMP_SECONDS

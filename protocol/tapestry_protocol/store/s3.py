@@ -43,7 +43,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
@@ -59,6 +59,7 @@ from urllib3.exceptions import HTTPError, MaxRetryError, SSLError
 
 from ._localfile import atomic_download
 from .base import (
+    DEFAULT_CHUNK,
     AccessDenied,
     BucketNotFound,
     ObjectExists,
@@ -67,6 +68,7 @@ from .base import (
     ObjectStore,
     StoreError,
     StoreUnavailable,
+    check_chunk_size,
     check_range,
     validate_key,
     validate_prefix,
@@ -236,9 +238,10 @@ class S3Store(ObjectStore):
         If-None-Match on CompleteMultipartUpload, "single-put" one streamed PutObject
         (for servers that do not evaluate the former atomically), "auto" picks "single-put"
         for SeaweedFS and "native" for everything else."""
-        if conditional_multipart not in ("auto", "native", "single-put"):
+        modes = get_args(ConditionalMultipart)
+        if conditional_multipart not in modes:
             raise ValueError(
-                f"conditional_multipart must be auto, native or single-put, "
+                f"conditional_multipart must be one of {', '.join(modes)}, "
                 f"not {conditional_multipart!r}"
             )
         if part_size < MIN_PART_SIZE:
@@ -643,9 +646,8 @@ class S3Store(ObjectStore):
                 raise _RangeChanged(f"{key!r} was replaced while it was being read", key) from exc
             raise
 
-    def iter_chunks(self, key: str, chunk_size: int = 8 << 20) -> Iterator[bytes]:
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    def iter_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+        check_chunk_size(chunk_size)
         name = self._name(key)
         response = self._call("get", key, lambda: self._client.get_object(self.bucket, name))
         return self._chunks(key, name, response, chunk_size)
