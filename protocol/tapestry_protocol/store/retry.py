@@ -101,12 +101,17 @@ class Retrier:
             try:
                 return op()
             except Exception as exc:
-                err = self.classify(exc, key)
-                if err is None:
-                    raise
-                if not isinstance(err, StoreUnavailable):
-                    if err is exc:
-                        raise
-                    raise err from exc
                 failures += 1
-                self.backoff(failures, err, what, key)
+                self.after_failure(exc, failures, what, key)
+
+    def after_failure(self, exc: Exception, failures: int, what: str, key: str | None) -> None:
+        """From an `except` block: raise `exc` (as the store error it means) unless it is
+        transient, else back off before retry number `failures` (or give up)."""
+        err = self.classify(exc, key)
+        if err is None:
+            raise exc
+        if err is exc and not isinstance(err, StoreUnavailable):
+            raise exc
+        if not isinstance(err, StoreUnavailable):
+            raise err from exc
+        self.backoff(failures, err, what, key)

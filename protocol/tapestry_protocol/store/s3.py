@@ -664,13 +664,8 @@ class S3Store(ObjectStore):
                 try:
                     chunk = _read_full(response, chunk_size)
                 except Exception as exc:
-                    err = self._retrier.classify(exc, key)
-                    if err is None:
-                        raise
-                    if not isinstance(err, StoreUnavailable):
-                        raise err from exc
                     failures += 1
-                    self._retrier.backoff(failures, err, "get", key)
+                    self._retrier.after_failure(exc, failures, "get", key)
                     _release(response)
                     response = self._call(
                         "get", key, functools.partial(self._open, key, name, position, 0, etag)
