@@ -10,8 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tapestry_trainer.data import LoaderContext  # noqa: E402
-from tapestry_trainer.inner import state_arrays, train_inner  # noqa: E402
-from tapestry_trainer.plugins import PluginError, build_loader, build_model, resolve  # noqa: E402
+from tapestry_trainer.inner import DistContext, state_arrays, train_inner  # noqa: E402
+from tapestry_trainer.plugins import (  # noqa: E402
+    PluginError,
+    build_loader,
+    build_model,
+    loader_for,
+    resolve,
+)
 from tapestry_trainer.specs import InnerConfig, ModelSpec  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -81,3 +87,23 @@ def test_example_plugin_trains(text_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     local = state_arrays(model)
     assert local.keys() == base.keys()
     assert any(not (local[k] == base[k]).all() for k in base)
+
+
+def test_loader_options_reach_the_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "options_plugin_mod.py").write_text(
+        "class Loader:\n"
+        "    def __init__(self, ctx): self.ctx = ctx\n"
+        "    def next_batch(self): raise NotImplementedError\n"
+        "    def state_dict(self): return {}\n"
+        "    def load_state_dict(self, state): pass\n"
+        "def make_loader(ctx):\n    return Loader(ctx)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = InnerConfig(steps=1, lr=1e-3, batch_size=4, seq_len=8, seed=5)
+    two = DistContext(rank=1, world_size=2)
+    loader = loader_for(
+        "d", config, two, factory="options_plugin_mod:make_loader", options={"l": 1}
+    )
+    ctx = getattr(loader, "ctx")  # noqa: B009 - the plug-in's own attribute
+    assert ctx.options == {"l": 1} and ctx.rank == 1 and ctx.micro_batch_size == 2
+    assert ctx.data == "d" and ctx.seq_len == 8 and ctx.seed == 5

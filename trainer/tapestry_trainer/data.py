@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -326,10 +326,6 @@ class ShardLoader:
         if int(state["seed"]) != self.ctx.seed:
             raise ValueError(f"loader state has seed {state['seed']}, loader {self.ctx.seed}")
         self.consumed = int(state["consumed"])
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        while True:
-            yield self.next_batch()
 
 
 # --------------------------------------------------------------------------- evaluation

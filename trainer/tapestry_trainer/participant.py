@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", default=_env("DATA"), help="token shard directory")
     p.add_argument("--loader", default=_env("LOADER"), help="plug-in loader module:function")
+    p.add_argument("--loader-options", default=_env("LOADER_OPTIONS"),
+                   help="JSON object handed to the plug-in loader as ctx.options")  # fmt: skip
     p.add_argument(
         "--workdir",
         type=Path,
@@ -172,7 +174,13 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     model = plugins.build_model(spec)
     if fetched is not None:
         load_state_arrays(model, fetched.base_arrays)
-    loader = plugins.loader_for(args.data, config, ctx, factory=args.loader)
+    try:
+        options = json.loads(args.loader_options) if args.loader_options else {}
+    except json.JSONDecodeError as e:
+        raise ParticipantError(f"--loader-options is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ParticipantError("--loader-options must be a JSON object")
+    loader = plugins.loader_for(args.data, config, ctx, factory=args.loader, options=options)
     progress = args.progress if ctx.is_main else None
 
     def on_step(info: StepInfo) -> None:

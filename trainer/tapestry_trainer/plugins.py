@@ -28,7 +28,7 @@ Example (see ``examples/plugin/``)::
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -90,8 +90,10 @@ def loader_for(
     *,
     micro_batch: int | None = None,
     factory: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> BatchLoader:
-    """This rank's loader for an inner run of ``config`` (see :func:`build_loader`)."""
+    """This rank's loader for an inner run of ``config`` (see :func:`build_loader`);
+    ``options`` reach a plug-in loader untouched as ``ctx.options``."""
     return build_loader(
         LoaderContext(
             data=data,
@@ -100,6 +102,7 @@ def loader_for(
             micro_batch_size=micro_batch_size(config, ctx, micro_batch),
             seq_len=config.seq_len,
             seed=config.seed,
+            options=dict(options or {}),
         ),
         factory,
     )
