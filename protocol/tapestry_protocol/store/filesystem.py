@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -255,7 +256,7 @@ class FilesystemStore(ObjectStore):
 
 
 def _is_file(st: os.stat_result) -> bool:
-    return (st.st_mode & 0o170000) == 0o100000
+    return stat.S_ISREG(st.st_mode)
 
 
 def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:

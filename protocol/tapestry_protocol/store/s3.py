@@ -32,7 +32,6 @@ import builtins
 import functools
 import hashlib
 import io
-import logging
 import os
 import re
 import tempfile
@@ -43,7 +42,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar, get_args
+from typing import BinaryIO, Literal, get_args
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
@@ -73,10 +72,7 @@ from .base import (
     validate_key,
     validate_prefix,
 )
-from .retry import Retrier, RetryPolicy
-
-T = TypeVar("T")
-log = logging.getLogger("tapestry.store")
+from .retry import Retrier, RetryPolicy, T, log
 
 MiB = 1 << 20
 #: S3 limits: every part but the last is at least 5 MiB; at most 10,000 parts.
@@ -356,7 +352,7 @@ class S3Store(ObjectStore):
         CompleteMultipartUpload is not. Limited to 5 GiB (the S3 single-PUT limit); the
         payload is hashed in a first pass so the request stays signed and verifiable.
         """
-        write_id = uuid.uuid4().hex
+        write_id, write_headers = self._write_headers(if_absent=True)
         with _seekable(stream) as (body, start, size, sha256):
             if size > MAX_SINGLE_PUT:
                 raise StoreError(
@@ -366,8 +362,7 @@ class S3Store(ObjectStore):
                     key,
                 )
             headers = {
-                **self._write_headers(write_id),
-                "If-None-Match": "*",
+                **write_headers,
                 "Content-Length": str(size),
                 "x-amz-content-sha256": sha256,
             }
@@ -417,14 +412,18 @@ class S3Store(ObjectStore):
         per_part = -(-size // MAX_PARTS)
         return -(-per_part // MiB) * MiB
 
-    def _write_headers(self, write_id: str) -> dict[str, str]:
-        return {"Content-Type": "application/octet-stream", WRITE_ID_HEADER: write_id}
-
-    def _put_single(self, key: str, name: str, data: bytes, if_absent: bool) -> ObjectInfo:
+    @staticmethod
+    def _write_headers(if_absent: bool) -> tuple[str, dict[str, str]]:
+        """A fresh write id (to recognise our own write after a lost response) and the
+        headers that carry it, conditional when `if_absent`."""
         write_id = uuid.uuid4().hex
-        headers = self._write_headers(write_id)
+        headers = {"Content-Type": "application/octet-stream", WRITE_ID_HEADER: write_id}
         if if_absent:
             headers["If-None-Match"] = "*"
+        return write_id, headers
+
+    def _put_single(self, key: str, name: str, data: bytes, if_absent: bool) -> ObjectInfo:
+        write_id, headers = self._write_headers(if_absent)
         try:
             result = self._call(
                 "put", key, lambda: self._client._put_object(self.bucket, name, data, dict(headers))
@@ -436,10 +435,8 @@ class S3Store(ObjectStore):
     def _put_multipart(
         self, key: str, name: str, parts: Iterator[bytes], if_absent: bool
     ) -> ObjectInfo:
-        write_id = uuid.uuid4().hex
-        headers = self._write_headers(write_id)
-        if if_absent:  # lets MinIO refuse a taken key before any part is sent
-            headers["If-None-Match"] = "*"
+        # If-None-Match on the start too lets MinIO refuse a taken key before any part.
+        write_id, headers = self._write_headers(if_absent)
         upload_id = self._call(
             "start multipart upload",
             key,
