@@ -169,18 +169,18 @@ class Federation:
 
     # -- setup ------------------------------------------------------------------------
 
-    def _keys(self) -> tuple[Any, dict[str, Path]]:
+    def _key_file(self, name: str, suffix: str = ".key") -> Path:
+        return self.workdir / "keys" / f"{name}{suffix}"
+
+    def _keys(self) -> Any:
+        """Every party's key pair (made once, reused by re-runs); returns the coordinator's."""
         from tapestry_protocol.exchange import COORDINATOR
         from tapestry_protocol.signing import SigningKey, load_signing_key
 
-        folder = self.workdir / "keys"
-        paths = {}
         for name in [COORDINATOR, *(p.name for p in self.people)]:
-            path = folder / f"{name}.key"
-            if not path.exists():
-                SigningKey.generate(name).save(folder)
-            paths[name] = path
-        return load_signing_key(COORDINATOR, paths[COORDINATOR]), paths
+            if not self._key_file(name).exists():
+                SigningKey.generate(name).save(self._key_file(name).parent)
+        return load_signing_key(COORDINATOR, self._key_file(COORDINATOR))
 
     def _prepare_data(self) -> None:
         from tapestry_trainer.data import prepare_shards
@@ -220,7 +220,7 @@ class Federation:
         from tapestry_protocol.exchange import make_plan, publish_plan, read_plan
         from tapestry_protocol.store import ObjectExists
 
-        keys = {p.name: self._public_key(p.name) for p in self.people}
+        keys = {p.name: self._key_file(p.name, ".pub").read_text().strip() for p in self.people}
         plan = make_plan(
             self.layout,
             round_number,
@@ -236,9 +236,6 @@ class Federation:
             return publish_plan(store, self.layout, plan, coordinator)
         except ObjectExists:  # a re-run: the round was planned before
             return read_plan(store, self.layout, round_number, coordinator.public_key_text)
-
-    def _public_key(self, name: str) -> str:
-        return (self.workdir / "keys" / f"{name}.pub").read_text().strip()
 
     def _launch(self, p: Participant, round_number: int, coordinator_key: str) -> None:
         logs = self.workdir / "logs" / f"round-{round_number:03d}"
@@ -263,7 +260,7 @@ class Federation:
             "--name",
             p.name,
             "--key",
-            str(self.workdir / "keys" / f"{p.name}.key"),
+            str(self._key_file(p.name)),
             "--coordinator-key",
             coordinator_key,
             "--data",
@@ -335,7 +332,7 @@ class Federation:
 
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        coordinator, _ = self._keys()
+        coordinator = self._keys()
         self._prepare_data()
         store = self._open_store()
         keep_freed_memory()
@@ -349,7 +346,7 @@ class Federation:
         )
         key = coordinator.public_key_text
         for r in range(self.args.rounds):
-            plan = self._plan(store, coordinator, r, base)
+            self._plan(store, coordinator, r, base)
             round_started = time.monotonic()
             failed = {} if store.exists(self.layout.result(r)) else self._train_round(r, key)
             with console.status(f"aggregating round {r}") as status:
@@ -378,7 +375,6 @@ class Federation:
             )
             if doc["nextBase"] is not None:
                 base = read_model(store, self.layout, doc["nextBase"]["manifest"], key)
-            del plan
         report = self._report(store, base)
         report["seconds"] = round(time.monotonic() - started, 1)
         (self.workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
