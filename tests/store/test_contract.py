@@ -243,33 +243,12 @@ def test_delete_is_idempotent_and_frees_the_key(store: ObjectStore) -> None:
     assert [o.key for o in store.list("")] == ["a/b/c"]
 
 
-def test_exclusive_create_race_threads(store: ObjectStore) -> None:
-    writers, trials = 4, 40
+def _race(store: ObjectStore, prefix: str, payloads: list[bytes], trials: int) -> None:
+    """Writers with these payloads race to create each key; exactly one must win."""
+    writers = len(payloads)
     with ThreadPoolExecutor(writers) as pool:
         for trial in range(trials):
-            key = f"race/{trial}/manifest.json"
-            barrier = threading.Barrier(writers)
-
-            def attempt(i: int, key: str = key, barrier: threading.Barrier = barrier) -> bool:
-                barrier.wait()
-                try:
-                    store.put(key, f"writer-{i}".encode(), if_absent=True)
-                except ObjectExists:
-                    return False
-                return True
-
-            won = list(pool.map(attempt, range(writers)))
-            assert won.count(True) == 1, f"trial {trial}: winners {won}"
-            assert store.get(key) == f"writer-{won.index(True)}".encode()
-
-
-def test_exclusive_create_race_multipart(store: ObjectStore) -> None:
-    """Large conditional writes race at CompleteMultipartUpload on S3."""
-    writers, trials = 3, 5
-    payloads = [_pattern(TEST_PART_SIZE + 1024, seed=i) for i in range(writers)]
-    with ThreadPoolExecutor(writers) as pool:
-        for trial in range(trials):
-            key = f"race-mp/{trial}"
+            key = f"{prefix}/{trial}"
             barrier = threading.Barrier(writers)
 
             def attempt(i: int, key: str = key, barrier: threading.Barrier = barrier) -> bool:
@@ -283,6 +262,16 @@ def test_exclusive_create_race_multipart(store: ObjectStore) -> None:
             won = list(pool.map(attempt, range(writers)))
             assert won.count(True) == 1, f"trial {trial}: winners {won}"
             assert store.get(key) == payloads[won.index(True)]
+
+
+def test_exclusive_create_race_threads(store: ObjectStore) -> None:
+    _race(store, "race", [f"writer-{i}".encode() for i in range(4)], trials=40)
+
+
+def test_exclusive_create_race_multipart(store: ObjectStore) -> None:
+    """Large conditional writes race at CompleteMultipartUpload on S3."""
+    payloads = [_pattern(TEST_PART_SIZE + 1024, seed=i) for i in range(3)]
+    _race(store, "race-mp", payloads, trials=5)
 
 
 def _client_env() -> dict[str, str]:
