@@ -377,7 +377,9 @@ class Federation:
                 base = read_model(store, self.layout, doc["nextBase"]["manifest"], key)
         report = self._report(store, base)
         report["seconds"] = round(time.monotonic() - started, 1)
-        (self.workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+        from tapestry_protocol.files import atomic_write_text
+
+        atomic_write_text(self.workdir / "summary.json", json.dumps(report, indent=2) + "\n")
         console.print(
             f"done in {report['seconds']:.0f}s; summary in {self.workdir / 'summary.json'}"
         )

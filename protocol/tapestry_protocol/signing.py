@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tapestry_protocol import rejections
+from tapestry_protocol.files import atomic_write
 from tapestry_protocol.rejections import Rejected
 
 DOMAIN = b"tapestry-signature-v1\n"
@@ -89,10 +89,9 @@ class SigningKey:
         directory.mkdir(parents=True, exist_ok=True)
         private = directory / f"{self.key_id}.key"
         public = directory / f"{self.key_id}.pub"
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.private_pem())
-        public.write_text(self.public_key_text + "\n")
+        # The private key is write-once: an existing key is never replaced (FileExistsError).
+        atomic_write(private, self.private_pem(), mode=0o600, exclusive=True)
+        atomic_write(public, (self.public_key_text + "\n").encode())
         return private, public
 
 

@@ -37,6 +37,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from tapestry_protocol.files import move_into_place, replace_dir
+
 PACKAGES: dict[str, tuple[str, ...]] = {
     "en": ("fortunes", "fortunes-min"),
     "de": ("fortunes-de",),
@@ -74,10 +76,16 @@ def _download(package: str, debs: Path) -> Path:
     if found:
         return found[-1]
     debs.mkdir(parents=True, exist_ok=True)
-    result = _run(["apt-get", "download", "-q", package], cwd=debs)
-    if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-        _run(["apt-get", "update", "-q"])  # a fresh machine has no package lists yet
-        result = _run(["apt-get", "download", "-q", package], cwd=debs)
+    # Downloaded aside and moved in whole, so an interrupted download is never taken for a
+    # package on the next run.
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=debs) as scratch:
+        result = _run(["apt-get", "download", "-q", package], cwd=Path(scratch))
+        if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            _run(["apt-get", "update", "-q"])  # a fresh machine has no package lists yet
+            result = _run(["apt-get", "download", "-q", package], cwd=Path(scratch))
+        if result.returncode == 0:
+            for deb in Path(scratch).glob(f"{package}_*.deb"):
+                move_into_place(deb, debs / deb.name)
     found = sorted(debs.glob(f"{package}_*.deb"))
     if result.returncode != 0 or not found:
         reason = result.stderr.decode(errors="replace").strip()[-300:]
@@ -144,9 +152,7 @@ def _build_language(language: str, target: Path) -> dict[str, str]:
         (tmp / _COMPLETE).write_text(
             json.dumps({"version": _VERSION, "language": language, "packages": sources}, indent=2)
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sources
@@ -183,10 +189,11 @@ def prepare_demo_corpus(
         folder = dest / language
         if folder.resolve() != cached.resolve() and not _is_complete(folder, language):
             tmp = Path(tempfile.mkdtemp(prefix=f".{language}.", dir=dest))
-            shutil.copytree(cached, tmp, dirs_exist_ok=True)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            try:
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+                replace_dir(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         folders[language] = folder
     return folders
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+
+from tapestry_protocol.files import replace_dir
 
 INDEX = "index.json"
 FORMAT = "tapestry-token-shards/1"
@@ -192,9 +193,7 @@ def prepare_shards(
             "fingerprint": fingerprint,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         for writer in writers.values():
             writer.close()

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tapestry_protocol import shards
+from tapestry_protocol.files import atomic_file, atomic_write
 from tapestry_trainer.data import BatchLoader
 from tapestry_trainer.specs import InnerConfig
 
@@ -180,9 +181,9 @@ def state_arrays(model: nn.Module) -> dict[str, FloatArray]:
 def save_arrays(arrays: Mapping[str, FloatArray], path: Path) -> None:
     """Write exchanged weights as a safetensors file, atomically (the wire format too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(shards.encode_safetensors({n: shards.Tensor.of(a) for n, a in arrays.items()}))
-    tmp.replace(path)
+    atomic_write(
+        path, shards.encode_safetensors({n: shards.Tensor.of(a) for n, a in arrays.items()})
+    )
 
 
 def load_arrays(path: Path) -> dict[str, FloatArray]:
@@ -325,16 +326,8 @@ def _broadcast_optimizer_state(opt: torch.optim.Optimizer, ctx: DistContext) -> 
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def _read_checkpoint(path: Path, config: InnerConfig, run_id: str) -> dict[str, Any] | None:

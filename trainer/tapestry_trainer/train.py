@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tapestry_protocol.files import atomic_write_text
 from tapestry_trainer import data, plugins
 from tapestry_trainer.inner import (
     distributed,
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 metrics["validationLoss"] = None
                 print(f"no validation loss: {e}", file=sys.stderr)
         if args.metrics_out is not None:
-            args.metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+            atomic_write_text(args.metrics_out, json.dumps(metrics, indent=2) + "\n")
         print(json.dumps(metrics))
 
 

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from tapestry_protocol.files import atomic_file
 
 
 @contextmanager
 def atomic_download(path: Path) -> Iterator[BinaryIO]:
-    """Yield a temp file next to `path`; on success rename it over `path`.
+    """Yield a temp file next to `path`; on success it replaces `path`, fsynced.
 
-    A failed or interrupted download therefore never leaves a partial file at `path`.
+    A failed or interrupted download therefore never leaves a partial file at `path`
+    (:func:`tapestry_protocol.files.atomic_file`).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_file(path) as f:
+        yield f
