@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ def _store(url: str) -> Any:
 
 def setup(url: str, participants: int, model_mib: int, shard_mib: int, workdir: Path) -> None:
     """Publish a base, a plan and N signed fp32 deltas."""
+    from tapestry_protocol.documents import CloseTrigger
     from tapestry_protocol.exchange import (
         COORDINATOR,
+        close_round,
         make_plan,
         publish_model,
         publish_plan,
@@ -79,6 +82,7 @@ def setup(url: str, participants: int, model_mib: int, shard_mib: int, workdir: 
     for i, (_, key) in enumerate(sorted(keys.items())):
         delta = {n: v * np.float32(0.01 * (i + 1)) for n, v in tensors.items()}
         publish_update(store, layout, plan, base, delta, key, tokens=1000 + i, metrics={})
+    close_round(store, layout, plan, coordinator, CloseTrigger.ALL_REPORTED, datetime.now(UTC))
 
 
 def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
@@ -93,7 +97,6 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
         read_plan,
         read_plan_base,
         read_update,
-        shard_groups,
     )
     from tapestry_protocol.layout import Layout
     from tapestry_protocol.signing import load_signing_key
@@ -107,26 +110,26 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
         store.delete(info.key)
     plan = read_plan(store, layout, 0, key)
     base = read_plan_base(store, layout, plan, key)
-    names = [p["name"] for p in plan.document["participants"]]
+    names = plan.document.names
     updates = {n: read_update(store, layout, plan, base, n) for n in names}
     started = time.perf_counter()
     if kind == "read":
         for update in updates.values():
-            for ref in update.shards:
+            for ref in update.document.shards:
                 store.get(update.directory + ref.name)
     elif kind == "naive":
         deltas = {}
         for name, update in updates.items():
             tensors: dict[str, np.ndarray] = {}
-            for ref in update.shards:
+            for ref in update.document.shards:
                 data = fetch_shard(store, update.directory, ref)
                 tensors.update(
                     {k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()}
                 )
             deltas[name] = tensors
-        weights = compute_weights({n: u.document["tokens"] for n, u in updates.items()})
+        weights = compute_weights({n: u.document.tokens for n, u in updates.items()})
         base_tensors: dict[str, np.ndarray] = {}
-        for ref in base.shards:
+        for ref in base.document.shards:
             data = fetch_shard(store, base.directory, ref)
             base_tensors.update(
                 {k: v.copy() for k, v in decode_shard(data, ref, "fp32", "").items()}
@@ -137,7 +140,7 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
             for n in deltas:
                 total += np.float32(weights[n]) * deltas[n][t]
             new[t] = value - total
-        publish_model(store, layout, 1, new, shard_groups(base), signer)
+        publish_model(store, layout, 1, new, base.document.groups, signer)
     else:
         aggregate_round(store, layout, 0, signer, Strategy("fedavg"))
     wall = time.perf_counter() - started

@@ -1,49 +1,72 @@
-"""Merge a round's verified deltas into the next base, one shard at a time.
+"""Merge a closed round's verified deltas into the next base, one shard at a time.
 
-Every delta uses the base's shard layout, so shard i of the base, of each delta and of
-the optimizer state hold the same tensors. The merge walks the shards in order and, for
-each, adds the participants' decoded deltas into one float32 accumulator while the next
-shards are fetched and hashed in background threads. Peak memory is a few shards,
-whatever the model size or the number of participants.
+Three steps, each a function:
 
-A delta that fails a check mid-stream (hash, shape, NaN) is rejected with its reason
-and the merge restarts without it; shards are content-addressed, so the partial output
-of the abandoned pass is simply never referenced.
+1. `collect_inputs`: the plan, its base, the close record (which fixes exactly which
+   updates the merge uses), the optimizer state that goes with the base, and every
+   included update verified; refusals recorded with their reasons.
+2. `stream_merge`: for each shard i, the base shard, then every participant's shard i
+   (fetched and hashed by background threads, `prefetch` ahead), decoded, checked and
+   added into one float32 accumulator; then the outer step for that shard, and the new
+   base and optimizer-state shards are uploaded (content-addressed). Peak memory is a few
+   shards, whatever the model size or the number of participants. A delta found bad
+   mid-stream is refused with its reason and the merge restarts without it.
+3. `commit_round`: the next base's and optimizer state's manifests, then the signed
+   result, each write-once.
+
+Every output is a pure function of the close record and the stored inputs, so a re-run
+from any crash point writes the same bytes and finds its earlier writes already there,
+and of two racing aggregators both write the same result. Only store outages and the
+aggregator's own bugs fail a run; whatever one participant's bytes hold is that
+participant's refusal.
 """
 
 from __future__ import annotations
 
-import time
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
 import numpy as np
 
 from tapestry_aggregator.strategy import Strategy, compute_weights, outer_step
-from tapestry_protocol import documents, rejections
+from tapestry_protocol import rejections
+from tapestry_protocol.documents import (
+    CloseRecord,
+    Contribution,
+    ModelManifest,
+    Outcome,
+    Refusal,
+    Role,
+    RoundPlan,
+    RoundResult,
+    UpdateManifest,
+)
 from tapestry_protocol.exchange import (
     COORDINATOR,
     Verified,
-    commit_document,
     commit_model,
     decode_shard,
     fetch_shard,
-    read_document,
+    publish_result,
+    read_close,
     read_model,
     read_plan,
     read_plan_base,
+    read_result,
     read_update,
     upload_shard,
 )
 from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray, ShardRef
-from tapestry_protocol.signing import SigningKey, verify
-from tapestry_protocol.store import ObjectExists, ObjectStore
+from tapestry_protocol.signing import SigningKey
+from tapestry_protocol.store import ObjectStore, StoreError
 
+log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
@@ -55,20 +78,31 @@ class _Rejection(Exception):
 
 
 @dataclass
-class MergeStats:
-    bytes_read: int = 0
-    passes: int = 0
-    delta_norms: dict[str, float] = field(default_factory=dict)
+class RoundInputs:
+    """Everything a merge reads, verified; `refusals` grows as updates fail."""
+
+    plan: Verified[RoundPlan]
+    base: Verified[ModelManifest]
+    close: Verified[CloseRecord]
+    state: Verified[ModelManifest] | None
+    updates: dict[str, Verified[UpdateManifest]]
+    refusals: dict[str, Refusal] = field(default_factory=dict)
+
+    def refuse(self, participant: str, reason: str, message: str) -> None:
+        self.updates.pop(participant, None)
+        self.refusals[participant] = Refusal(participant, reason, message)
 
 
-def read_result(
-    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
-) -> Verified:
-    key = layout.result(round_number)
-    document, digest = read_document(store, key, "RoundResult")
-    documents.check_identity(document, key, federation=layout.federation, round_number=round_number)
-    verify(document, COORDINATOR, coordinator_key)
-    return Verified(key, document, digest)
+@dataclass
+class Merged:
+    """The uploaded shards of the next base and optimizer state, and what it took."""
+
+    base: list[ShardRef]
+    state: list[ShardRef]
+    weights: dict[str, float]
+    delta_norms: dict[str, float]
+    bytes_read: int
+    passes: int
 
 
 def aggregate_round(
@@ -78,170 +112,253 @@ def aggregate_round(
     signer: SigningKey,
     strategy: Strategy,
     *,
-    failed: dict[str, str] | None = None,
     prefetch: int = 4,
     progress: Progress | None = None,
-) -> Verified:
-    """Aggregate round `round_number` and publish its signed result (write-once).
+) -> Verified[RoundResult]:
+    """Aggregate the closed round `round_number` and publish its signed result.
 
-    Idempotent: if the round already has a result, that result is returned. `failed`
-    names participants known to have crashed (with a message), for the result's record.
-    """
+    Idempotent: a round that has a result returns it; a re-run after a crash yields the
+    same bytes. The round must have been closed (`exchange.close_round`)."""
     if signer.key_id != COORDINATOR:
         raise ValueError(f"the aggregator signs as {COORDINATOR!r}, not {signer.key_id!r}")
     coordinator_key = signer.public_key_text
     if store.exists(layout.result(round_number)):
         return read_result(store, layout, round_number, coordinator_key)
-    started = time.monotonic()
+    inputs = collect_inputs(store, layout, round_number, coordinator_key, strategy)
+    merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress)
+    return commit_round(store, layout, inputs, merged, strategy, signer)
+
+
+def collect_inputs(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str, strategy: Strategy
+) -> RoundInputs:
+    """Read and verify everything the merge uses; a bad update becomes a refusal."""
     plan = read_plan(store, layout, round_number, coordinator_key)
     base = read_plan_base(store, layout, plan, coordinator_key)
-    state = _previous_state(store, layout, base, coordinator_key, strategy)
-
-    accepted: dict[str, Verified] = {}
-    rejected: dict[str, tuple[str, str]] = {}
-    for entry in plan.document["participants"]:
-        name = entry["name"]
+    close = read_close(store, layout, round_number, coordinator_key)
+    if close.document.plan_sha256 != plan.sha256:
+        raise Rejected(rejections.WRONG_PLAN, f"{close.key} closes another plan of this round")
+    state = previous_state(store, layout, base, coordinator_key, strategy)
+    inputs = RoundInputs(plan, base, close, state, {})
+    for excluded in close.document.excluded:
+        inputs.refuse(excluded.participant, excluded.reason, excluded.message)
+    for included in close.document.included:
+        name = included.participant
         try:
-            accepted[name] = read_update(store, layout, plan, base, name)
-        except Rejected as e:
-            if e.reason == rejections.MISSING_MANIFEST and failed and name in failed:
-                rejected[name] = (rejections.TRAINING_FAILED, failed[name])
-            else:
-                rejected[name] = (e.reason, e.message)
+            update = _guarded(name, partial(read_update, store, layout, plan, base, name))
+            if update.sha256 != included.manifest_sha256:
+                raise _Rejection(
+                    name, rejections.HASH_MISMATCH, f"{update.key} differs from the closed one"
+                )
+            inputs.updates[name] = update
+        except _Rejection as r:
+            inputs.refuse(name, r.reason, r.message)
+    return inputs
 
-    stats = MergeStats()
-    next_base: Verified | None = None
-    next_state: Verified | None = None
-    weights: dict[str, float] = {}
-    while len(accepted) >= plan.document["minParticipants"]:
+
+def previous_state(
+    store: ObjectStore,
+    layout: Layout,
+    base: Verified[ModelManifest],
+    coordinator_key: str,
+    strategy: Strategy,
+) -> Verified[ModelManifest] | None:
+    """The optimizer state published with `base`: part of the chain, never guessed.
+
+    Round 0's base starts from zero state, and so does a round whose predecessor used
+    another optimizer. Otherwise the predecessor's result names the state, and a
+    missing or unverifiable one fails the aggregation instead of resetting momentum."""
+    if not strategy.slots:
+        return None
+    base_round = layout.model_round(base.key)
+    if base_round == 0:
+        return None
+    previous = base_round - 1
+    try:
+        result = read_result(store, layout, previous, coordinator_key).document
+    except Rejected as e:
+        raise Rejected(
+            rejections.MISSING_OPTIMIZER_STATE,
+            f"base {base.key} comes from round {previous}, whose result cannot be read "
+            f"({e.reason}: {e.message}); its optimizer state cannot be found",
+        ) from None
+    if result.next_base is None or result.next_base.sha256 != base.sha256:
+        raise Rejected(
+            rejections.WRONG_BASE, f"round {previous}'s result did not publish {base.key}"
+        )
+    if Strategy.from_json(result.strategy).optimizer != strategy.optimizer:
+        return None  # a new optimizer starts from zero state
+    ref = result.optimizer_state
+    if ref is None:
+        raise Rejected(
+            rejections.MISSING_OPTIMIZER_STATE,
+            f"round {previous} used {strategy.optimizer} but its result names no optimizer state",
+        )
+    try:
+        state = read_model(
+            store, layout, ref.manifest, coordinator_key, role=Role.OPTIMIZER,
+            expected_sha256=ref.sha256,
+        )  # fmt: skip
+    except Rejected as e:
+        raise Rejected(
+            rejections.MISSING_OPTIMIZER_STATE,
+            f"optimizer state {ref.manifest} of round {previous} does not verify "
+            f"({e.reason}: {e.message})",
+        ) from None
+    expected = [[f"{s}/{t}" for s in strategy.slots for t in g] for g in base.document.groups]
+    if state.document.groups != expected:
+        raise Rejected(
+            rejections.MISSING_OPTIMIZER_STATE,
+            f"optimizer state {ref.manifest} does not hold {strategy.optimizer}'s slots for "
+            "every tensor of the base",
+        )
+    return state
+
+
+def merge_until_quorum(
+    store: ObjectStore,
+    layout: Layout,
+    inputs: RoundInputs,
+    strategy: Strategy,
+    prefetch: int,
+    progress: Progress | None,
+) -> Merged | None:
+    """Stream the merge; each refusal mid-stream restarts it without that update, until
+    it succeeds or fewer updates than the quorum remain (None)."""
+    passes = bytes_read = 0
+    while len(inputs.updates) >= inputs.plan.document.min_participants:
         weights = compute_weights(
-            {n: u.document["tokens"] for n, u in accepted.items()},
+            {n: u.document.tokens for n, u in inputs.updates.items()},
             strategy.weighting,
             strategy.max_share,
         )
+        passes += 1
+        counter = [0]
         try:
-            next_base, next_state = _merge(
-                store,
-                layout,
-                round_number,
-                base,
-                state,
-                accepted,
-                weights,
-                strategy,
-                signer,
-                stats,
-                prefetch,
-                progress,
+            base, state, norms = stream_merge(
+                store, layout, inputs, weights, strategy, prefetch, progress, counter
             )
-            break
         except _Rejection as r:
-            rejected[r.participant] = (r.reason, r.message)
-            del accepted[r.participant]
+            inputs.refuse(r.participant, r.reason, r.message)
+            bytes_read += counter[0]
+            continue
+        return Merged(base, state, weights, norms, bytes_read + counter[0], passes)
+    return None
 
-    quorum = plan.document["minParticipants"]
-    outcome = "Succeeded" if next_base is not None else "Failed"
+
+def commit_round(
+    store: ObjectStore,
+    layout: Layout,
+    inputs: RoundInputs,
+    merged: Merged | None,
+    strategy: Strategy,
+    signer: SigningKey,
+) -> Verified[RoundResult]:
+    """Commit the next base and optimizer state, then the result (all write-once)."""
+    plan = inputs.plan.document
+    round_number = plan.round
+    next_base = next_state = None
+    if merged is not None:
+        meta = {"round": round_number, "strategy": strategy.optimizer}
+        next_base = commit_model(
+            store, layout, round_number + 1, merged.base, signer, Role.BASE,
+            inputs.base.document.model, meta,
+        )  # fmt: skip
+        if strategy.slots:
+            next_state = commit_model(
+                store, layout, round_number + 1, merged.state, signer, Role.OPTIMIZER, {}, meta
+            )
+    updates = inputs.updates if merged is not None else {}
+    accepted = tuple(
+        Contribution(
+            n,
+            merged.weights[n],
+            u.document.tokens,
+            u.sha256,
+            merged.delta_norms[n],
+            u.document.metrics,
+        )
+        for n, u in sorted(updates.items())
+        if merged is not None
+    )
+    refused = dict(inputs.refusals)
+    if merged is None:  # valid updates that were not merged, because the quorum failed
+        for n, u in inputs.updates.items():
+            refused[n] = Refusal(n, rejections.NO_QUORUM, f"{u.key} is valid, but the round failed")
     message = (
-        f"merged {len(accepted)} of {len(plan.document['participants'])} updates"
-        if next_base is not None
-        else f"{len(accepted)} valid updates, fewer than the quorum of {quorum}"
+        f"merged {len(accepted)} of {len(plan.participants)} updates"
+        if merged is not None
+        else f"{len(inputs.updates)} valid updates, fewer than the quorum of "
+        f"{plan.min_participants}"
     )
-    result = signer.sign(
-        {
-            "kind": "RoundResult",
-            "schemaVersion": documents.SCHEMA_VERSION,
-            "federation": layout.federation,
-            "round": round_number,
-            "outcome": outcome,
-            "message": message,
-            "plan": {"sha256": plan.sha256},
-            "base": {"sha256": base.sha256},
-            "nextBase": _ref(next_base),
-            "optimizerState": _ref(next_state),
-            "strategy": strategy.to_json(),
-            "accepted": [
-                {
-                    "participant": n,
-                    "weight": weights[n],
-                    "tokens": u.document["tokens"],
-                    "manifestSha256": u.sha256,
-                    "metrics": {
-                        **u.document["metrics"],
-                        "deltaNorm": stats.delta_norms.get(n),
-                    },
-                }
-                for n, u in sorted(accepted.items())
-                if next_base is not None
-            ],
-            "rejected": [
-                {"participant": n, "reason": reason, "message": msg}
-                for n, (reason, msg) in sorted(rejected.items())
-            ],
-            "metrics": _round_metrics(accepted, weights, stats, started)
-            if next_base is not None
-            else {"seconds": round(time.monotonic() - started, 3)},
-            "createdAt": documents.now_rfc3339(),
-        }
+    result = RoundResult(
+        layout.federation,
+        round_number,
+        Outcome.SUCCEEDED if merged is not None else Outcome.FAILED,
+        message,
+        inputs.plan.sha256,
+        inputs.base.sha256,
+        inputs.close.sha256,
+        None if next_base is None else next_base.ref,
+        None if next_state is None else next_state.ref,
+        strategy.to_json(),
+        accepted,
+        tuple(refused[n] for n in sorted(refused)),
+        _round_metrics(accepted, merged),
     )
-    try:
-        return commit_document(store, layout.result(round_number), result)
-    except ObjectExists:  # another aggregator finished first: its result stands
-        return read_result(store, layout, round_number, coordinator_key)
-
-
-def _ref(model: Verified | None) -> dict[str, str] | None:
-    return None if model is None else {"manifest": model.key, "sha256": model.sha256}
+    return publish_result(store, layout, result, signer)
 
 
 def _round_metrics(
-    accepted: dict[str, Verified], weights: dict[str, float], stats: MergeStats, started: float
+    accepted: tuple[Contribution, ...], merged: Merged | None
 ) -> dict[str, float | str | None]:
-    losses = [(weights[n], u.document["metrics"].get("trainLoss")) for n, u in accepted.items()]
-    known = [(w, loss) for w, loss in losses if isinstance(loss, int | float)]
+    known = [(a.weight, a.metrics.get("trainLoss")) for a in accepted]
+    losses = [(w, float(v)) for w, v in known if isinstance(v, int | float)]
     return {
         "participants": len(accepted),
-        "tokens": sum(u.document["tokens"] for u in accepted.values()),
-        "trainLoss": sum(w * loss for w, loss in known) / sum(w for w, _ in known)
-        if known
+        "tokens": sum(a.tokens for a in accepted),
+        "trainLoss": sum(w * v for w, v in losses) / sum(w for w, _ in losses)
+        if losses and sum(w for w, _ in losses) > 0
         else None,
-        "bytesRead": stats.bytes_read,
-        "mergePasses": stats.passes,
-        "seconds": round(time.monotonic() - started, 3),
+        "bytesRead": merged.bytes_read if merged else 0,
+        "mergePasses": merged.passes if merged else 0,
     }
 
 
-def _previous_state(
-    store: ObjectStore, layout: Layout, base: Verified, coordinator_key: str, strategy: Strategy
-) -> Verified | None:
-    """Optimizer state published alongside the base, if the strategy keeps any."""
-    if not strategy.slots:
-        return None
-    round_of_base = layout.model_round(base.key)
-    key = layout.optimizer_manifest(round_of_base)
-    if not store.exists(key):
-        return None  # the first outer step starts from zero state
-    return read_model(store, layout, key, coordinator_key, role="optimizer")
+def _guarded(
+    participant: str, read: Callable[[], Verified[UpdateManifest]]
+) -> Verified[UpdateManifest]:
+    """Run one participant's read; whatever its bytes cause is that participant's
+    refusal. Store outages propagate: they are nobody's refusal, and a re-run retries."""
+    try:
+        return read()
+    except Rejected as e:
+        raise _Rejection(participant, e.reason, e.message) from None
+    except StoreError:
+        raise
+    except Exception as e:
+        log.exception("unexpected error reading %s's update; refusing it", participant)
+        raise _Rejection(
+            participant, rejections.UNREADABLE_UPDATE, f"{type(e).__name__}: {e}"[:1000]
+        ) from None
 
 
-def _merge(
+def stream_merge(
     store: ObjectStore,
     layout: Layout,
-    round_number: int,
-    base: Verified,
-    state: Verified | None,
-    accepted: dict[str, Verified],
+    inputs: RoundInputs,
     weights: dict[str, float],
     strategy: Strategy,
-    signer: SigningKey,
-    stats: MergeStats,
     prefetch: int,
     progress: Progress | None,
-) -> tuple[Verified, Verified | None]:
-    stats.passes += 1
+    counter: list[int],
+) -> tuple[list[ShardRef], list[ShardRef], dict[str, float]]:
+    """One pass over every shard; raises _Rejection naming the first bad update."""
+    round_number = inputs.plan.document.round
+    base, state, accepted = inputs.base, inputs.state, inputs.updates
     names = sorted(accepted)
-    base_refs = base.shards
-    state_refs = state.shards if state is not None else None
-    norms_sq = {n: 0.0 for n in names}
+    base_refs = base.document.shards
+    norms_sq = dict.fromkeys(names, 0.0)
     uploads: list[tuple[Future[ShardRef], Future[ShardRef] | None]] = []
     # Reads run `prefetch` ahead on one pool; the new shards upload on another, so
     # writing shard i overlaps reading shard i+1. At most two uploads are in flight.
@@ -249,77 +366,57 @@ def _merge(
         ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool,
         ThreadPoolExecutor(max_workers=1) as writer,
     ):
-        for index, (participant, data) in enumerate(
-            _prefetched(pool, store, base, accepted, names, prefetch)
-        ):
-            shard = index // (len(names) + 1)
-            if participant == "":
-                base_ref = base_refs[shard]
-                current = decode_shard(data, base_ref, "fp32", base.directory + base_ref.name)
-                accumulator: dict[str, FloatArray] = {}
-                continue
-            update = accepted[participant]
-            try:
-                delta = decode_shard(
-                    data, update.shards[shard], update.document["encoding"], update.key
-                )
-            except Rejected as e:
-                raise _Rejection(participant, e.reason, e.message) from None
-            weight = np.float32(weights[participant])
-            for tensor, values in delta.items():
-                norms_sq[participant] += _checked_norm_sq(
-                    participant, update, tensor, values, current[tensor]
-                )
-                if tensor in accumulator:
-                    accumulator[tensor] += weight * values
-                else:
-                    accumulator[tensor] = weight * values
-            stats.bytes_read += len(data)
-            if participant == names[-1]:
-                new, new_state = _step_shard(
-                    store, state, state_refs, shard, current, accumulator, strategy
-                )
-                group = list(base_refs[shard].tensors)
-                if len(uploads) >= 2:
-                    _wait(uploads[-2])
-                base_upload = writer.submit(
-                    upload_shard,
-                    store,
-                    layout.base_dir(round_number + 1),
-                    shard,
-                    new,
-                    group,
-                    "fp32",
-                )
-                state_upload = None
-                if strategy.slots:
-                    slots = [f"{s}/{t}" for s in strategy.slots for t in group]
-                    state_upload = writer.submit(
-                        upload_shard,
-                        store,
-                        layout.optimizer_dir(round_number + 1),
-                        shard,
-                        new_state,
-                        slots,
-                        "fp32",
+        for shard, current, deltas in _shards(pool, store, base, accepted, names, prefetch):
+            accumulator: dict[str, FloatArray] = {}
+            for participant, data in deltas:
+                update = accepted[participant]
+                ref = update.document.shards[shard]
+                where = update.directory + ref.name
+                delta = _guarded_decode(participant, data, ref, update.document.encoding, where)
+                weight = np.float32(weights[participant])
+                for tensor, values in delta.items():
+                    norms_sq[participant] += _checked_norm_sq(
+                        participant, where, tensor, values, current[tensor]
                     )
-                uploads.append((base_upload, state_upload))
-                if progress:
-                    progress("merge", shard + 1, len(base_refs))
+                    if tensor in accumulator:
+                        accumulator[tensor] += weight * values
+                    else:
+                        accumulator[tensor] = weight * values
+                counter[0] += len(data)
+            new, new_state = _step_shard(store, state, shard, current, accumulator, strategy)
+            group = list(base_refs[shard].tensors)
+            if len(uploads) >= 2:
+                _wait(uploads[-2])
+            base_upload = writer.submit(
+                upload_shard, store, layout.base_dir(round_number + 1), shard, new, group, "fp32"
+            )
+            state_upload = None
+            if strategy.slots:
+                slots = [f"{s}/{t}" for s in strategy.slots for t in group]
+                state_upload = writer.submit(
+                    upload_shard, store, layout.optimizer_dir(round_number + 1), shard,
+                    new_state, slots, "fp32",
+                )  # fmt: skip
+            uploads.append((base_upload, state_upload))
+            if progress:
+                progress("merge", shard + 1, len(base_refs))
         out_base = [b.result() for b, _ in uploads]
         out_state = [s.result() for _, s in uploads if s is not None]
-    stats.delta_norms = {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
-    meta = {"round": round_number, "strategy": strategy.optimizer}
-    model_spec = base.document["model"]
-    next_base = commit_model(
-        store, layout, round_number + 1, out_base, signer, "base", model_spec, meta
-    )
-    next_state = (
-        commit_model(store, layout, round_number + 1, out_state, signer, "optimizer", {}, meta)
-        if strategy.slots
-        else None
-    )
-    return next_base, next_state
+    return out_base, out_state, {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
+
+
+def _guarded_decode(
+    participant: str, data: bytes, ref: ShardRef, encoding: str, where: str
+) -> dict[str, FloatArray]:
+    try:
+        return decode_shard(data, ref, encoding, where)
+    except Rejected as e:
+        raise _Rejection(participant, e.reason, e.message) from None
+    except Exception as e:
+        log.exception("unexpected error decoding %s; refusing %s's update", where, participant)
+        raise _Rejection(
+            participant, rejections.UNREADABLE_UPDATE, f"{where}: {type(e).__name__}: {e}"[:1000]
+        ) from None
 
 
 def _wait(pair: tuple[Future[ShardRef], Future[ShardRef] | None]) -> None:
@@ -328,70 +425,87 @@ def _wait(pair: tuple[Future[ShardRef], Future[ShardRef] | None]) -> None:
             future.result()
 
 
-def _checked_norm_sq(
-    participant: str, update: Verified, tensor: str, values: FloatArray, base: FloatArray
-) -> float:
-    """Squared L2 norm of a delta tensor, refusing wrong shapes and NaN/inf.
+# A delta's norm must be far inside float32 range so that every derived value (the
+# weighted sum, the optimizer step, the recorded norm) stays finite and signable.
+MAX_DELTA_NORM = 1e15
 
-    One dot product gives both the norm and the check: it is finite unless a value is
-    not (or squares overflow, which a second look tells apart)."""
+
+def _checked_norm_sq(
+    participant: str, where: str, tensor: str, values: FloatArray, base: FloatArray
+) -> float:
+    """Squared L2 norm of a delta tensor, refusing wrong shapes, NaN/inf and huge values.
+
+    One float32 dot product gives both the norm and the check: it is finite unless a
+    value is not, or the squares overflow, which a second look tells apart."""
     if values.shape != base.shape:
         raise _Rejection(
             participant,
             rejections.TENSOR_MISMATCH,
-            f"{update.key}: {tensor} has shape {list(values.shape)}, "
-            f"the base has {list(base.shape)}",
+            f"{where}: {tensor} has shape {list(values.shape)}, the base has {list(base.shape)}",
         )
     flat = values.reshape(-1)
     norm_sq = float(np.dot(flat, flat))
     if not np.isfinite(norm_sq) and not np.isfinite(flat).all():
         raise _Rejection(
-            participant, rejections.NON_FINITE, f"{update.key}: {tensor} holds NaN or infinity"
+            participant, rejections.NON_FINITE, f"{where}: {tensor} holds NaN or infinity"
+        )
+    if not norm_sq <= MAX_DELTA_NORM**2:
+        raise _Rejection(
+            participant,
+            rejections.DELTA_TOO_LARGE,
+            f"{where}: {tensor} has an L2 norm above {MAX_DELTA_NORM:g}",
         )
     return norm_sq
 
 
 def _step_shard(
     store: ObjectStore,
-    state: Verified | None,
-    state_refs: list[ShardRef] | None,
+    state: Verified[ModelManifest] | None,
     shard: int,
     current: dict[str, FloatArray],
     grad: dict[str, FloatArray],
     strategy: Strategy,
 ) -> tuple[dict[str, FloatArray], dict[str, FloatArray]]:
     previous: dict[str, FloatArray] = {}
-    if state is not None and state_refs is not None:
-        ref = state_refs[shard]
-        previous = decode_shard(
-            fetch_shard(store, state.directory, ref), ref, "fp32", state.directory + ref.name
-        )
+    if state is not None:
+        ref = state.document.shards[shard]
+        where = state.directory + ref.name
+        previous = decode_shard(fetch_shard(store, state.directory, ref), ref, "fp32", where)
     new: dict[str, FloatArray] = {}
     new_state: dict[str, FloatArray] = {}
     for tensor in current:
-        slots = {
-            s: previous[f"{s}/{tensor}"] for s in strategy.slots if f"{s}/{tensor}" in previous
-        }
+        slots = {s: previous[f"{s}/{tensor}"] for s in strategy.slots if previous}
         new[tensor], stepped = outer_step(strategy, current[tensor], grad[tensor], slots)
         for s, values in stepped.items():
             new_state[f"{s}/{tensor}"] = values
     return new, new_state
 
 
-def _prefetched(
+def _shards(
     pool: ThreadPoolExecutor,
     store: ObjectStore,
-    base: Verified,
-    accepted: dict[str, Verified],
+    base: Verified[ModelManifest],
+    accepted: dict[str, Verified[UpdateManifest]],
     names: list[str],
     depth: int,
-) -> Iterator[tuple[str, bytes]]:
-    """Yield (participant or "" for the base, verified shard bytes) in merge order,
-    keeping `depth` fetches in flight ahead of the consumer."""
+) -> Iterator[tuple[int, dict[str, FloatArray], Iterator[tuple[str, bytes]]]]:
+    """For each shard: its index, the decoded base shard, and the participants' verified
+    shard bytes in merge order, with `depth` fetches in flight ahead of the consumer."""
     jobs: list[tuple[str, str, ShardRef]] = []
-    for shard, base_ref in enumerate(base.shards):
+    for shard, base_ref in enumerate(base.document.shards):
         jobs.append(("", base.directory, base_ref))
-        jobs += [(n, accepted[n].directory, accepted[n].shards[shard]) for n in names]
+        jobs += [(n, accepted[n].directory, accepted[n].document.shards[shard]) for n in names]
+    fetched = _prefetched(pool, store, jobs, depth)
+    for shard, base_ref in enumerate(base.document.shards):
+        _, data = next(fetched)
+        current = decode_shard(data, base_ref, "fp32", base.directory + base_ref.name)
+        yield shard, current, (next(fetched) for _ in names)
+
+
+def _prefetched(
+    pool: ThreadPoolExecutor, store: ObjectStore, jobs: list[tuple[str, str, ShardRef]], depth: int
+) -> Iterator[tuple[str, bytes]]:
+    """Yield (participant or "" for the base, verified shard bytes) in job order."""
     pending: deque[tuple[str, Future[bytes]]] = deque()
     position = 0
     while position < len(jobs) or pending:
@@ -409,16 +523,3 @@ def _prefetched(
                 other.cancel()
             raise _Rejection(who, e.reason, e.message) from None
         yield who, data
-
-
-def result_summary(result: Verified) -> dict[str, Any]:
-    """The parts of a result that status pages and the CLI show."""
-    doc = result.document
-    return {
-        "round": doc["round"],
-        "outcome": doc["outcome"],
-        "message": doc["message"],
-        "accepted": {a["participant"]: a["weight"] for a in doc["accepted"]},
-        "rejected": {r["participant"]: f"{r['reason']}: {r['message']}" for r in doc["rejected"]},
-        "metrics": doc["metrics"],
-    }

@@ -237,6 +237,24 @@ class Federation:
         except ObjectExists:  # a re-run: the round was planned before
             return read_plan(store, self.layout, round_number, coordinator.public_key_text)
 
+    def _answer(
+        self,
+        store: Any,
+        plan: Any,
+        state: Any,
+        reason: str,
+        message: str,
+        only: str | None = None,
+    ) -> None:
+        """Each participant's signed receipt for the plan, as its operator would write it."""
+        from tapestry_protocol.exchange import publish_receipt
+        from tapestry_protocol.signing import load_signing_key
+
+        for p in self.people:
+            if only is None or p.name == only:
+                signer = load_signing_key(p.name, self._key_file(p.name))
+                publish_receipt(store, self.layout, plan, signer, state, reason, message)
+
     def _launch(self, p: Participant, round_number: int, coordinator_key: str) -> None:
         logs = self.workdir / "logs" / f"round-{round_number:03d}"
         logs.mkdir(parents=True, exist_ok=True)
@@ -328,7 +346,8 @@ class Federation:
     def run(self) -> int:
         from tapestry_aggregator.memory import keep_freed_memory
         from tapestry_aggregator.merge import aggregate_round
-        from tapestry_protocol.exchange import read_model
+        from tapestry_protocol.documents import CloseTrigger, Outcome, ReceiptState
+        from tapestry_protocol.exchange import close_round, read_model
 
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -346,35 +365,36 @@ class Federation:
         )
         key = coordinator.public_key_text
         for r in range(self.args.rounds):
-            self._plan(store, coordinator, r, base)
+            plan = self._plan(store, coordinator, r, base)
             round_started = time.monotonic()
-            failed = {} if store.exists(self.layout.result(r)) else self._train_round(r, key)
+            if not store.exists(self.layout.close(r)):
+                self._answer(store, plan, ReceiptState.ACCEPTED, "Admitted", "training started")
+                for name, message in self._train_round(r, key).items():
+                    self._answer(
+                        store, plan, ReceiptState.FAILED, "TrainingFailed", message, only=name
+                    )
+                close_round(store, self.layout, plan, coordinator, CloseTrigger.ALL_REPORTED,
+                            datetime.now(UTC))  # fmt: skip
             with console.status(f"aggregating round {r}") as status:
 
                 def merged(_: str, done: int, total: int, r: int = r) -> None:
                     status.update(f"aggregating round {r}: shard {done}/{total}")
 
                 result = aggregate_round(
-                    store,
-                    self.layout,
-                    r,
-                    coordinator,
-                    self.strategy,
-                    failed=failed,
-                    progress=merged,
-                )
-            doc = result.document
-            loss = doc["metrics"].get("trainLoss")
-            rejected = ", ".join(f"{x['participant']} ({x['reason']})" for x in doc["rejected"])
+                    store, self.layout, r, coordinator, self.strategy, progress=merged
+                ).document
+            loss = result.metrics.get("trainLoss")
+            rejected = ", ".join(f"{x.participant} ({x.reason})" for x in result.rejected)
+            succeeded = result.outcome == Outcome.SUCCEEDED
             console.print(
-                f"round {r}: [{'green' if doc['outcome'] == 'Succeeded' else 'red'}]"
-                f"{doc['outcome']}[/] — {doc['message']}"
+                f"round {r}: [{'green' if succeeded else 'red'}]{result.outcome}[/] — "
+                f"{result.message}"
                 + (f", train loss {loss:.3f}" if isinstance(loss, float) else "")
                 + (f", rejected: {rejected}" if rejected else "")
                 + f" [{time.monotonic() - round_started:.0f}s]"
             )
-            if doc["nextBase"] is not None:
-                base = read_model(store, self.layout, doc["nextBase"]["manifest"], key)
+            if result.next_base is not None:
+                base = read_model(store, self.layout, result.next_base.manifest, key)
         report = self._report(store, base)
         report["seconds"] = round(time.monotonic() - started, 1)
         from tapestry_protocol.files import atomic_write_text

@@ -8,13 +8,30 @@ and each shard's size and sha256 before using any byte of it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from datetime import datetime
+from typing import Any, Generic
 
 from tapestry_protocol import documents, rejections
-from tapestry_protocol.documents import check_identity, now_rfc3339
+from tapestry_protocol.documents import (
+    CloseRecord,
+    CloseTrigger,
+    D,
+    Excluded,
+    Included,
+    Member,
+    ModelManifest,
+    Receipt,
+    ReceiptState,
+    Ref,
+    Role,
+    RoundPlan,
+    RoundResult,
+    UpdateManifest,
+    check_identity,
+    now_rfc3339,
+)
 from tapestry_protocol.layout import MANIFEST, Layout, shard_name
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import (
@@ -36,32 +53,55 @@ COORDINATOR = "coordinator"
 
 
 @dataclass(frozen=True)
-class Verified:
+class Verified(Generic[D]):
     """A document that passed every check, with the sha256 of its stored bytes."""
 
     key: str
-    document: dict[str, Any]
+    document: D
     sha256: str
-
-    @cached_property
-    def shards(self) -> list[ShardRef]:
-        """Parsed once: the merge looks shards up for every participant and shard."""
-        return [ShardRef.from_json(s) for s in self.document["shards"]]
 
     @property
     def directory(self) -> str:
-        return self.key[: -len(MANIFEST)]
+        return self.key[: self.key.rindex("/") + 1]
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(self.key, self.sha256)
 
 
 def read_document(
-    store: ObjectStore, key: str, kind: str, where: str | None = None
-) -> tuple[dict[str, Any], str]:
+    store: ObjectStore, key: str, cls: type[D], where: str | None = None
+) -> tuple[D, dict[str, Any], str]:
+    """The typed document at `key`, its raw JSON (to verify) and the sha256 of its bytes."""
     where = where or key
     try:
         data = store.get(key)
     except ObjectNotFound:
         raise Rejected(rejections.MISSING_MANIFEST, f"{where} does not exist") from None
-    return documents.parse(data, kind, where), sha256_hex(data)
+    document, raw = documents.load(data, cls, where)
+    return document, raw, sha256_hex(data)
+
+
+def _read_signed(
+    store: ObjectStore,
+    layout: Layout,
+    key: str,
+    cls: type[D],
+    round_number: int,
+    signer: str,
+    public_key: str,
+    participant: str | None = None,
+) -> Verified[D]:
+    document, raw, digest = read_document(store, key, cls)
+    check_identity(
+        document,
+        key,
+        federation=layout.federation,
+        round_number=round_number,
+        participant=participant,
+    )
+    verify(raw, signer, public_key)
+    return Verified(key, document, digest)
 
 
 def fetch_shard(store: ObjectStore, directory: str, ref: ShardRef) -> bytes:
@@ -85,7 +125,9 @@ def fetch_shard(store: ObjectStore, directory: str, ref: ShardRef) -> bytes:
 
 
 def decode_shard(data: bytes, ref: ShardRef, encoding: str, where: str) -> dict[str, FloatArray]:
-    """Decode a verified shard into float32 arrays named exactly as the manifest says."""
+    """Decode a verified shard into float32 arrays named exactly as the manifest says.
+
+    `where` names the shard object, so a refusal points at the bytes at fault."""
     try:
         stored, _ = decode_safetensors(data)
     except ShardFormatError as e:
@@ -141,10 +183,15 @@ def _upload_shards(
     ]
 
 
-def commit_document(store: ObjectStore, key: str, document: dict[str, Any]) -> Verified:
-    """Publish a manifest write-once. If the same bytes are already there (a re-run),
-    that is success; different bytes mean another writer won, and ObjectExists says so."""
-    data = documents.encode(document)
+def commit_document(store: ObjectStore, key: str, document: D, signer: SigningKey) -> Verified[D]:
+    """Sign and publish a document write-once. The same bytes already there (a re-run) is
+    success; different bytes mean another writer won, and ObjectExists says so.
+
+    The signed JSON is validated first: a document this writer could not read back is a
+    bug to surface here, before anything that depends on it is published."""
+    signed = signer.sign(document.to_json())
+    documents.validate(signed, document.KIND, key)
+    data = documents.encode(signed)
     try:
         store.put(key, data, if_absent=True)
     except ObjectExists:
@@ -164,22 +211,20 @@ def publish_model(
     groups: list[list[str]],
     signer: SigningKey,
     *,
-    role: str = "base",
+    role: Role = Role.BASE,
     model: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
-) -> Verified:
+) -> Verified[ModelManifest]:
     """Publish a full float32 tensor set as `bases/<round>` or `optimizer/<round>`."""
     directory = model_dir(layout, round_number, role)
     refs = _upload_shards(store, directory, groups, tensors, "fp32")
     return commit_model(store, layout, round_number, refs, signer, role, model, metadata)
 
 
-def model_dir(layout: Layout, round_number: int, role: str) -> str:
-    if role == "base":
+def model_dir(layout: Layout, round_number: int, role: Role) -> str:
+    if role == Role.BASE:
         return layout.base_dir(round_number)
-    if role == "optimizer":
-        return layout.optimizer_dir(round_number)
-    raise ValueError(f"unknown model role {role!r}")
+    return layout.optimizer_dir(round_number)
 
 
 def commit_model(
@@ -188,27 +233,17 @@ def commit_model(
     round_number: int,
     refs: list[ShardRef],
     signer: SigningKey,
-    role: str = "base",
+    role: Role = Role.BASE,
     model: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
-) -> Verified:
-    """Sign and commit the manifest of already uploaded model shards.
-
-    It has no timestamp: the same shards give the same bytes, so a re-run is idempotent.
-    """
-    document = signer.sign(
-        {
-            "kind": "ModelManifest",
-            "schemaVersion": documents.SCHEMA_VERSION,
-            "federation": layout.federation,
-            "round": round_number,
-            "role": role,
-            "shards": [r.to_json() for r in refs],
-            "model": dict(model or {}),
-            "metadata": dict(metadata or {}),
-        }
-    )
-    return commit_document(store, model_dir(layout, round_number, role) + MANIFEST, document)
+) -> Verified[ModelManifest]:
+    """Sign and commit the manifest of already uploaded model shards (idempotent)."""
+    document = ModelManifest(
+        layout.federation, round_number, role, tuple(refs), dict(model or {}),
+        dict(metadata or {}),
+    )  # fmt: skip
+    key = model_dir(layout, round_number, role) + MANIFEST
+    return commit_document(store, key, document, signer)
 
 
 def read_model(
@@ -217,44 +252,40 @@ def read_model(
     key: str,
     coordinator_key: str,
     *,
-    role: str = "base",
+    role: Role = Role.BASE,
     expected_sha256: str | None = None,
-) -> Verified:
+) -> Verified[ModelManifest]:
     """Read and verify a base (or optimizer-state) manifest signed by the coordinator."""
     round_number = layout.model_round(key, role)
-    document, digest = read_document(store, key, "ModelManifest")
-    check_identity(document, key, federation=layout.federation, round_number=round_number)
-    if expected_sha256 is not None and digest != expected_sha256:
+    model = _read_signed(
+        store, layout, key, ModelManifest, round_number, COORDINATOR, coordinator_key
+    )
+    if expected_sha256 is not None and model.sha256 != expected_sha256:
         raise Rejected(
-            rejections.WRONG_BASE, f"{key} has sha256 {digest[:16]}…, the plan names another"
+            rejections.WRONG_BASE, f"{key} has sha256 {model.sha256[:16]}…, the plan names another"
         )
-    if document["role"] != role:
-        raise Rejected(rejections.MALFORMED_DOCUMENT, f"{key} has role {document['role']!r}")
-    verify(document, COORDINATOR, coordinator_key)
-    return Verified(key, document, digest)
+    if model.document.role != role:
+        raise Rejected(
+            rejections.MALFORMED_DOCUMENT, f"{key} has role {str(model.document.role)!r}"
+        )
+    return model
 
 
 def read_plan_base(
-    store: ObjectStore, layout: Layout, plan: Verified, coordinator_key: str
-) -> Verified:
+    store: ObjectStore, layout: Layout, plan: Verified[RoundPlan], coordinator_key: str
+) -> Verified[ModelManifest]:
     """The base a plan names, verified against the plan's hash and the coordinator's key."""
-    ref = plan.document["base"]
-    return read_model(
-        store, layout, ref["manifest"], coordinator_key, expected_sha256=ref["sha256"]
-    )
+    ref = plan.document.base
+    return read_model(store, layout, ref.manifest, coordinator_key, expected_sha256=ref.sha256)
 
 
-def load_tensors(store: ObjectStore, model: Verified) -> dict[str, FloatArray]:
+def load_tensors(store: ObjectStore, model: Verified[ModelManifest]) -> dict[str, FloatArray]:
     """Every tensor of a verified model, shard by shard (used where the model fits)."""
     out: dict[str, FloatArray] = {}
-    for ref in model.shards:
+    for ref in model.document.shards:
         data = fetch_shard(store, model.directory, ref)
         out.update(decode_shard(data, ref, "fp32", model.directory + ref.name))
     return out
-
-
-def shard_groups(model: Verified) -> list[list[str]]:
-    return [list(ref.tensors) for ref in model.shards]
 
 
 # --- plans -----------------------------------------------------------------------------
@@ -263,7 +294,7 @@ def shard_groups(model: Verified) -> list[list[str]]:
 def make_plan(
     layout: Layout,
     round_number: int,
-    base: Verified,
+    base: Verified[ModelManifest],
     *,
     model: Mapping[str, Any],
     hyperparameters: Mapping[str, Any],
@@ -272,49 +303,100 @@ def make_plan(
     deadline: str,
     encoding: str = "fp32",
     traceparent: str | None = None,
-) -> dict[str, Any]:
-    """An unsigned round plan; `participants` maps names to their public keys."""
-    plan: dict[str, Any] = {
-        "kind": "RoundPlan",
-        "schemaVersion": documents.SCHEMA_VERSION,
-        "federation": layout.federation,
-        "round": round_number,
-        "base": {"manifest": base.key, "sha256": base.sha256},
-        "model": dict(model),
-        "hyperparameters": dict(hyperparameters),
-        "encoding": encoding,
-        "participants": [{"name": n, "publicKey": k} for n, k in sorted(participants.items())],
-        "minParticipants": min_participants,
-        "deadline": deadline,
-        "issuedAt": now_rfc3339(),
-    }
-    if traceparent:
-        plan["traceparent"] = traceparent
-    return plan
+) -> RoundPlan:
+    """A round plan; `participants` maps names to their public keys."""
+    return RoundPlan(
+        layout.federation, round_number, base.ref, dict(model), dict(hyperparameters), encoding,
+        tuple(Member(n, k) for n, k in sorted(participants.items())), min_participants,
+        deadline, now_rfc3339(), traceparent,
+    )  # fmt: skip
 
 
 def publish_plan(
-    store: ObjectStore, layout: Layout, plan: dict[str, Any], signer: SigningKey
-) -> Verified:
+    store: ObjectStore, layout: Layout, plan: RoundPlan, signer: SigningKey
+) -> Verified[RoundPlan]:
     """Sign and publish a round plan write-once (ObjectExists if the round has one)."""
-    return commit_document(store, layout.plan(plan["round"]), signer.sign(plan))
+    return commit_document(store, layout.plan(plan.round), plan, signer)
 
 
 def read_plan(
     store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
-) -> Verified:
+) -> Verified[RoundPlan]:
     key = layout.plan(round_number)
-    document, digest = read_document(store, key, "RoundPlan")
-    check_identity(document, key, federation=layout.federation, round_number=round_number)
-    verify(document, COORDINATOR, coordinator_key)
-    names = [p["name"] for p in document["participants"]]
+    plan = _read_signed(store, layout, key, RoundPlan, round_number, COORDINATOR, coordinator_key)
+    names = plan.document.names
     if len(set(names)) != len(names):
         raise Rejected(rejections.MALFORMED_DOCUMENT, f"{key}: a participant is listed twice")
-    return Verified(key, document, digest)
+    if plan.document.min_participants > len(names):
+        raise Rejected(
+            rejections.MALFORMED_DOCUMENT,
+            f"{key}: a quorum of {plan.document.min_participants} is more than the "
+            f"{len(names)} participants",
+        )
+    return plan
 
 
-def participant_keys(plan: Verified) -> dict[str, str]:
-    return {p["name"]: p["publicKey"] for p in plan.document["participants"]}
+# --- receipts --------------------------------------------------------------------------
+
+
+def publish_receipt(
+    store: ObjectStore,
+    layout: Layout,
+    plan: Verified[RoundPlan],
+    signer: SigningKey,
+    state: ReceiptState,
+    reason: str,
+    message: str,
+) -> Verified[Receipt]:
+    """A participant's signed answer to a plan, write-once. Writing the same state again
+    (a restart) keeps the first receipt."""
+    round_number = plan.document.round
+    receipt = Receipt(
+        layout.federation, round_number, signer.key_id, plan.sha256, state, reason,
+        message[:4096], now_rfc3339(),
+    )  # fmt: skip
+    key = layout.receipt(round_number, signer.key_id, state)
+    try:
+        return commit_document(store, key, receipt, signer)
+    except ObjectExists:
+        return read_receipt(store, layout, plan, signer.key_id, state)
+
+
+def read_receipt(
+    store: ObjectStore,
+    layout: Layout,
+    plan: Verified[RoundPlan],
+    participant: str,
+    state: ReceiptState,
+) -> Verified[Receipt]:
+    """One receipt, verified with the participant's key from the plan."""
+    round_number = plan.document.round
+    keys = plan.document.keys
+    if participant not in keys:
+        raise Rejected(rejections.UNKNOWN_SIGNER, f"{participant!r} is not in the round plan")
+    key = layout.receipt(round_number, participant, state)
+    receipt = _read_signed(
+        store, layout, key, Receipt, round_number, participant, keys[participant], participant
+    )
+    if receipt.document.plan_sha256 != plan.sha256:
+        raise Rejected(rejections.WRONG_PLAN, f"{key} answers another plan of this round")
+    if receipt.document.state != state:
+        raise Rejected(rejections.MALFORMED_DOCUMENT, f"{key} holds a {receipt.document.state}")
+    return receipt
+
+
+def read_receipts(
+    store: ObjectStore, layout: Layout, plan: Verified[RoundPlan], participant: str
+) -> dict[ReceiptState, Verified[Receipt]]:
+    """The participant's receipts that exist and verify; a forged one is ignored."""
+    out: dict[ReceiptState, Verified[Receipt]] = {}
+    for state in ReceiptState:
+        if store.exists(layout.receipt(plan.document.round, participant, state)):
+            try:
+                out[state] = read_receipt(store, layout, plan, participant, state)
+            except Rejected:
+                continue
+    return out
 
 
 # --- updates ---------------------------------------------------------------------------
@@ -323,98 +405,198 @@ def participant_keys(plan: Verified) -> dict[str, str]:
 def publish_update(
     store: ObjectStore,
     layout: Layout,
-    plan: Verified,
-    base: Verified,
+    plan: Verified[RoundPlan],
+    base: Verified[ModelManifest],
     delta: Mapping[str, FloatArray],
     signer: SigningKey,
     *,
     tokens: int,
     metrics: Mapping[str, float | str | None],
-) -> Verified:
+) -> Verified[UpdateManifest]:
     """Upload a participant's delta in the base's shard layout, then commit its manifest.
 
     If this participant already committed an update for the round (a restarted pod),
     that committed update stands and is returned: a round takes one update each."""
-    round_number = plan.document["round"]
+    round_number = plan.document.round
     participant = signer.key_id
     directory = layout.update_dir(round_number, participant)
     if store.exists(directory + MANIFEST):
         return read_update(store, layout, plan, base, participant)
-    encoding = plan.document["encoding"]
-    refs = _upload_shards(store, directory, shard_groups(base), delta, encoding)
-    uploaded = sum(r.size for r in refs)
-    document = signer.sign(
-        {
-            "kind": "UpdateManifest",
-            "schemaVersion": documents.SCHEMA_VERSION,
-            "federation": layout.federation,
-            "round": round_number,
-            "participant": participant,
-            "plan": {"sha256": plan.sha256},
-            "base": {"sha256": base.sha256},
-            "encoding": encoding,
-            "shards": [r.to_json() for r in refs],
-            "tokens": tokens,
-            "metrics": {**metrics, "bytesUploaded": uploaded},
-            "createdAt": now_rfc3339(),
-        }
-    )
-    return commit_document(store, directory + MANIFEST, document)
+    encoding = plan.document.encoding
+    refs = _upload_shards(store, directory, base.document.groups, delta, encoding)
+    update = UpdateManifest(
+        layout.federation, round_number, participant, plan.sha256, base.sha256, encoding,
+        tuple(refs), tokens, {**metrics, "bytesUploaded": sum(r.size for r in refs)},
+        now_rfc3339(),
+    )  # fmt: skip
+    return commit_document(store, directory + MANIFEST, update, signer)
 
 
 def read_update(
-    store: ObjectStore, layout: Layout, plan: Verified, base: Verified, participant: str
-) -> Verified:
+    store: ObjectStore,
+    layout: Layout,
+    plan: Verified[RoundPlan],
+    base: Verified[ModelManifest],
+    participant: str,
+) -> Verified[UpdateManifest]:
     """Verify one participant's committed update against the plan and the base layout.
 
     Shard bytes are checked later, as they are streamed (`fetch_shard`).
     """
-    round_number = plan.document["round"]
-    keys = participant_keys(plan)
-    directory = layout.update_dir(round_number, participant)
-    key = directory + MANIFEST
+    round_number = plan.document.round
+    keys = plan.document.keys
+    key = layout.update_manifest(round_number, participant)
     if participant not in keys:
         raise Rejected(rejections.UNKNOWN_SIGNER, f"{participant!r} is not in the round plan")
-    document, digest = read_document(store, key, "UpdateManifest")
-    check_identity(
-        document,
-        key,
-        federation=layout.federation,
-        round_number=round_number,
-        participant=participant,
-    )
-    verify(document, participant, keys[participant])
-    if document["plan"]["sha256"] != plan.sha256:
+    update = _read_signed(
+        store, layout, key, UpdateManifest, round_number, participant, keys[participant],
+        participant,
+    )  # fmt: skip
+    document = update.document
+    if document.plan_sha256 != plan.sha256:
         raise Rejected(rejections.WRONG_PLAN, f"{key} was made for another plan of this round")
-    if document["base"]["sha256"] != base.sha256:
+    if document.base_sha256 != base.sha256:
         raise Rejected(rejections.WRONG_BASE, f"{key} was trained from another base")
-    if document["encoding"] != plan.document["encoding"]:
+    if document.encoding != plan.document.encoding:
         raise Rejected(
             rejections.MALFORMED_DOCUMENT,
-            f"{key} uses encoding {document['encoding']!r}, the plan asks for "
-            f"{plan.document['encoding']!r}",
+            f"{key} uses encoding {document.encoding!r}, the plan asks for "
+            f"{plan.document.encoding!r}",
         )
-    update = Verified(key, document, digest)
     _check_shard_layout(update, base)
     return update
 
 
-def _check_shard_layout(update: Verified, base: Verified) -> None:
-    expected = shard_groups(base)
-    listed = [list(ref.tensors) for ref in update.shards]
-    if len(listed) < len(expected):
+def _check_shard_layout(update: Verified[UpdateManifest], base: Verified[ModelManifest]) -> None:
+    expected = base.document.groups
+    shards = update.document.shards
+    if len(shards) != len(expected):
+        reason = rejections.MISSING_SHARD if len(shards) < len(expected) else rejections.EXTRA_SHARD
         raise Rejected(
-            rejections.MISSING_SHARD,
-            f"{update.key} lists {len(listed)} shards, the base has {len(expected)}",
+            reason, f"{update.key} lists {len(shards)} shards, the base has {len(expected)}"
         )
-    if len(listed) > len(expected):
-        raise Rejected(
-            rejections.EXTRA_SHARD,
-            f"{update.key} lists {len(listed)} shards, the base has {len(expected)}",
-        )
-    for i, (got, want) in enumerate(zip(listed, expected, strict=True)):
-        if got != want or not update.shards[i].name.startswith(f"part-{i:05d}-"):
+    for i, (shard, want) in enumerate(zip(shards, expected, strict=True)):
+        if list(shard.tensors) != want or not shard.name.startswith(f"part-{i:05d}-"):
             raise Rejected(
                 rejections.TENSOR_MISMATCH,
-                f"{update.key}: shard {i} does not hold the same tensors as the base",
+                f"{update.key}: shard {i} ({shard.name}) does not hold the same tensors as the "
+                "base",
             )
+
+
+def committed_updates(
+    store: ObjectStore, layout: Layout, round_number: int, names: list[str]
+) -> dict[str, str]:
+    """Members with a committed update manifest -> sha256 of its bytes (unverified)."""
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = sha256_hex(store.get(layout.update_manifest(round_number, name)))
+        except ObjectNotFound:
+            continue
+    return out
+
+
+# --- closing a round -------------------------------------------------------------------
+
+
+def build_close(
+    plan: Verified[RoundPlan],
+    updates: Mapping[str, str],
+    receipts: Mapping[str, Mapping[ReceiptState, Verified[Receipt]]],
+    trigger: CloseTrigger,
+    closed_at: datetime,
+) -> CloseRecord:
+    """The close record: every member with a committed update is included (the merge
+    still verifies it); the others are excluded with what their receipts say."""
+    included: list[Included] = []
+    excluded: list[Excluded] = []
+    when = closed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    for name in sorted(plan.document.names):
+        if name in updates:
+            included.append(Included(name, updates[name]))
+            continue
+        answers = receipts.get(name, {})
+        if ReceiptState.FAILED in answers:
+            r = answers[ReceiptState.FAILED].document
+            excluded.append(Excluded(name, rejections.TRAINING_FAILED, f"{r.reason}: {r.message}"))
+        elif ReceiptState.DECLINED in answers:
+            r = answers[ReceiptState.DECLINED].document
+            excluded.append(Excluded(name, rejections.DECLINED, f"{r.reason}: {r.message}"))
+        else:
+            excluded.append(
+                Excluded(name, rejections.LATE, f"no update when the round closed at {when}")
+            )
+    return CloseRecord(
+        plan.document.federation, plan.document.round, plan.sha256, trigger, tuple(included),
+        tuple(excluded), when,
+    )  # fmt: skip
+
+
+def publish_close(
+    store: ObjectStore, layout: Layout, close: CloseRecord, signer: SigningKey
+) -> Verified[CloseRecord]:
+    """Commit a round's close record. If the round was closed before (a restart, a racing
+    coordinator), the first record stands and is returned."""
+    try:
+        return commit_document(store, layout.close(close.round), close, signer)
+    except ObjectExists:
+        return read_close(store, layout, close.round, signer.public_key_text)
+
+
+def close_round(
+    store: ObjectStore,
+    layout: Layout,
+    plan: Verified[RoundPlan],
+    signer: SigningKey,
+    trigger: CloseTrigger,
+    closed_at: datetime,
+) -> Verified[CloseRecord]:
+    """Observe the store and commit the close record of `plan`'s round (idempotent)."""
+    round_number = plan.document.round
+    if store.exists(layout.close(round_number)):
+        return read_close(store, layout, round_number, signer.public_key_text)
+    names = plan.document.names
+    updates = committed_updates(store, layout, round_number, names)
+    receipts = {n: read_receipts(store, layout, plan, n) for n in names if n not in updates}
+    close = build_close(plan, updates, receipts, trigger, closed_at)
+    return publish_close(store, layout, close, signer)
+
+
+def read_close(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> Verified[CloseRecord]:
+    key = layout.close(round_number)
+    try:
+        return _read_signed(
+            store, layout, key, CloseRecord, round_number, COORDINATOR, coordinator_key
+        )
+    except Rejected as e:
+        if e.reason == rejections.MISSING_MANIFEST:
+            raise Rejected(rejections.NOT_CLOSED, f"round {round_number} is not closed") from None
+        raise
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+def publish_result(
+    store: ObjectStore, layout: Layout, result: RoundResult, signer: SigningKey
+) -> Verified[RoundResult]:
+    """Commit a round's result; if another aggregator finished first, its result stands."""
+    try:
+        return commit_document(store, layout.result(result.round), result, signer)
+    except ObjectExists:
+        return read_result(store, layout, result.round, signer.public_key_text)
+
+
+def read_result(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> Verified[RoundResult]:
+    key = layout.result(round_number)
+    return _read_signed(store, layout, key, RoundResult, round_number, COORDINATOR, coordinator_key)
+
+
+def rounds(store: ObjectStore, layout: Layout) -> Iterator[int]:
+    """Round numbers that have any object in the store, in order."""
+    yield from layout.round_numbers([info.key for info in store.list(layout.rounds_prefix())])

@@ -2,7 +2,9 @@
 
     federations/<fed>/bases/<round>/{manifest.json, part-NNNNN-<hash>.safetensors}
     federations/<fed>/rounds/<round>/plan.json
+    federations/<fed>/rounds/<round>/receipts/<participant>/{accepted,declined,failed}.json
     federations/<fed>/rounds/<round>/updates/<participant>/{manifest.json, part-NNNNN-<hash>...}
+    federations/<fed>/rounds/<round>/close.json
     federations/<fed>/rounds/<round>/result.json
     federations/<fed>/optimizer/<round>/{manifest.json, part-NNNNN-<hash>.safetensors}
 
@@ -37,9 +39,12 @@ def shard_name(index: int, sha256: str) -> str:
     return f"part-{index:05d}-{sha256[:16]}.safetensors"
 
 
+MAX_ROUND = 999_999  # six digits keep listings in order; the schemas say the same
+
+
 def round_dir(round_number: int) -> str:
-    if round_number < 0:
-        raise ValueError(f"round must be >= 0, got {round_number}")
+    if not 0 <= round_number <= MAX_ROUND:
+        raise ValueError(f"round must be between 0 and {MAX_ROUND}, got {round_number}")
     return f"{round_number:06d}"
 
 
@@ -80,6 +85,14 @@ class Layout:
 
     def result(self, round_number: int) -> str:
         return self.round_prefix(round_number) + "result.json"
+
+    def close(self, round_number: int) -> str:
+        return self.round_prefix(round_number) + "close.json"
+
+    def receipt(self, round_number: int, participant: str, state: str) -> str:
+        """`state` is a receipt state (Accepted, Declined, Failed); one object each."""
+        validate_name("participant", participant)
+        return f"{self.round_prefix(round_number)}receipts/{participant}/{state.lower()}.json"
 
     def updates_prefix(self, round_number: int) -> str:
         return self.round_prefix(round_number) + "updates/"

@@ -25,6 +25,13 @@ WRONG_BASE = "WrongBase"
 TENSOR_MISMATCH = "TensorMismatch"
 NON_FINITE = "NonFiniteValues"
 TRAINING_FAILED = "TrainingFailed"
+DELTA_TOO_LARGE = "DeltaTooLarge"
+UNREADABLE_UPDATE = "UnreadableUpdate"
+LATE = "Late"
+DECLINED = "Declined"
+NOT_CLOSED = "NotClosed"
+MISSING_OPTIMIZER_STATE = "MissingOptimizerState"
+NO_QUORUM = "NoQuorum"
 
 ALL_REASONS = frozenset(
     {
@@ -46,6 +53,13 @@ ALL_REASONS = frozenset(
         TENSOR_MISMATCH,
         NON_FINITE,
         TRAINING_FAILED,
+        DELTA_TOO_LARGE,
+        UNREADABLE_UPDATE,
+        LATE,
+        DECLINED,
+        NOT_CLOSED,
+        MISSING_OPTIMIZER_STATE,
+        NO_QUORUM,
     }
 )
 

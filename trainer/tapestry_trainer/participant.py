@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch.distributed as dist
 
+from tapestry_protocol.documents import ModelManifest, RoundPlan
 from tapestry_protocol.exchange import (
     Verified,
     load_tensors,
@@ -34,6 +35,7 @@ from tapestry_protocol.exchange import (
     read_plan_base,
 )
 from tapestry_protocol.layout import Layout
+from tapestry_protocol.progress import Phase, ProgressEvent, append
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.signing import SigningKey, load_signing_key
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress",
         type=Path,
         default=_env("PROGRESS"),
-        help="append one JSON line per step here (for the local runner)",
+        help="append progress events here, one JSON line each (tapestry_protocol.progress)",
     )
     return p
 
@@ -118,8 +120,8 @@ class Fetched(NamedTuple):
 
     store: ObjectStore
     layout: Layout
-    plan: Verified
-    base: Verified
+    plan: Verified[RoundPlan]
+    base: Verified[ModelManifest]
     base_arrays: dict[str, FloatArray]
     signer: SigningKey
 
@@ -137,7 +139,7 @@ def _fetch(args: argparse.Namespace) -> Fetched:
         store = open_store(args.store)
         layout = Layout(args.federation)
         plan = read_plan(store, layout, args.round, args.coordinator_key)
-        names = {p["name"] for p in plan.document["participants"]}
+        names = set(plan.document.names)
         if args.name not in names:
             raise ParticipantError(
                 f"{args.name!r} is not a participant of round {args.round} ({sorted(names)})"
@@ -160,15 +162,15 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         except ParticipantError as e:
             failure = str(e)
     # Rank 0 tells the others the plan, or that there is none, so nobody waits forever.
-    shared: list[Any] = [fetched.plan.document if fetched else {"error": failure}]
+    shared: list[Any] = [fetched.plan.document if fetched else failure]
     if ctx.distributed:
         dist.broadcast_object_list(shared, src=0)
-    plan_document: dict[str, Any] = shared[0]
-    if "error" in plan_document:
-        raise ParticipantError(plan_document["error"] or "rank 0 could not read the round")
+    plan: RoundPlan | str | None = shared[0]
+    if not isinstance(plan, RoundPlan):
+        raise ParticipantError(plan or "rank 0 could not read the round")
     try:
-        spec = ModelSpec.from_dict(plan_document["model"])
-        config = InnerConfig.from_dict(plan_document["hyperparameters"])
+        spec = ModelSpec.from_dict(plan.model)
+        config = InnerConfig.from_dict(plan.hyperparameters)
     except (SpecError, KeyError, TypeError) as e:
         raise ParticipantError(f"the plan's model or hyperparameters are unusable: {e}") from None
     model = plugins.build_model(spec)
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     progress = args.progress if ctx.is_main else None
 
     def on_step(info: StepInfo) -> None:
-        _append(progress, {"step": info.step, "of": config.steps, "loss": info.loss})
+        _report(progress, ProgressEvent(Phase.TRAIN, info.step, config.steps, loss=info.loss))
 
     run_id = f"{args.federation}/{args.round}/{args.name}"
     checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
@@ -197,29 +199,32 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     delta = compute_delta(fetched.base_arrays, state_arrays(model))
     metrics: dict[str, float | str | None] = {**result.to_dict(), "worldSize": ctx.world_size}
     metrics["trainLoss"] = metrics.pop("meanLoss")  # the protocol's name for it
+    _report(progress, ProgressEvent(Phase.UPLOAD, config.steps, config.steps, message="uploading"))
     started = time.perf_counter()
     update = publish_update(
         fetched.store, fetched.layout, fetched.plan, fetched.base, delta, fetched.signer,
         tokens=result.tokens, metrics=metrics,
     )  # fmt: skip
     summary = {
-        "event": "uploaded",
         "manifest": update.key,
         "tokens": result.tokens,
         "trainLoss": result.mean_loss,
         "tokensPerSecond": result.tokens_per_s,
-        "bytesUploaded": update.document["metrics"]["bytesUploaded"],
+        "bytesUploaded": update.document.metrics["bytesUploaded"],
         "uploadSeconds": round(time.perf_counter() - started, 3),
     }
-    _append(progress, summary)
+    done = ProgressEvent(
+        Phase.DONE, config.steps, config.steps, loss=result.mean_loss, message="uploaded",
+        extra=summary,
+    )  # fmt: skip
+    _report(progress, done)
     return summary
 
 
-def _append(progress: Path | None, record: dict[str, Any]) -> None:
-    """One JSON line for whoever watches this run (the local runner tails the file)."""
+def _report(progress: Path | None, event: ProgressEvent) -> None:
+    """One event for whoever watches this run (the local runner tails the file)."""
     if progress is not None:
-        with progress.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append(progress, event)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
