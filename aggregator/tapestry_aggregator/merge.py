@@ -24,6 +24,7 @@ participant's refusal.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,9 +125,15 @@ def aggregate_round(
     coordinator_key = signer.public_key_text
     if store.exists(layout.result(round_number)):
         return read_result(store, layout, round_number, coordinator_key)
+    started = time.monotonic()
     inputs = collect_inputs(store, layout, round_number, coordinator_key, strategy)
     merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress)
-    return commit_round(store, layout, inputs, merged, strategy, signer)
+    result = commit_round(store, layout, inputs, merged, strategy, signer)
+    log.info(
+        "round %d of %s: %s in %.1f s", round_number, layout.federation,
+        result.document.outcome, time.monotonic() - started,
+    )  # fmt: skip
+    return result
 
 
 def collect_inputs(
