@@ -21,13 +21,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tapestry_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from tapestry_protocol.progress import ProgressEvent
 
 console = Console()
 
@@ -293,21 +296,20 @@ class Federation:
             p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     @staticmethod
-    def _last_progress(p: Participant, tail: int = 4096) -> dict[str, Any]:
-        """The newest complete record; only the file's tail is read, however long the run."""
-        try:
-            with p.progress_file.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return {}
-        for line in reversed(lines):
-            try:
-                parsed: dict[str, Any] = json.loads(line)
-                return parsed
-            except json.JSONDecodeError:
-                continue  # a line still being written
-        return {}
+    def _last_progress(p: Participant) -> ProgressEvent | None:
+        """The newest complete event; only the file's tail is read, however long the run."""
+        from tapestry_protocol.progress import last_event
+
+        return last_event(p.progress_file)
+
+    @staticmethod
+    def _progress_info(event: ProgressEvent) -> str:
+        """The text beside a participant's bar: the step's loss in training, else the phase."""
+        from tapestry_protocol.progress import Phase
+
+        if event.phase is Phase.TRAIN and event.loss is not None:
+            return f"loss {event.loss:.3f}"
+        return event.message or event.phase.value
 
     def _train_round(self, round_number: int, coordinator_key: str) -> dict[str, str]:
         """Run every participant; returns the failed ones with their log tails."""
@@ -326,10 +328,8 @@ class Federation:
             while any(p.process and p.process.poll() is None for p in self.people):
                 for p in self.people:
                     last = self._last_progress(p)
-                    if "step" in last and p.task is not None:
-                        bars.update(p.task, completed=last["step"], info=f"loss {last['loss']:.3f}")
-                    elif last.get("event") == "uploaded" and p.task is not None:
-                        bars.update(p.task, completed=self.config.steps, info="uploaded")
+                    if last is not None and p.task is not None:
+                        bars.update(p.task, completed=last.done, info=self._progress_info(last))
                 time.sleep(0.3)
         for p in self.people:
             assert p.process is not None

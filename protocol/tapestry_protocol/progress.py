@@ -133,13 +133,13 @@ def last_event(path: Path | str, tail_bytes: int = 4096) -> ProgressEvent | None
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             start = max(0, size - tail_bytes)
-            f.seek(start)
-            lines = f.read().split(b"\n")
+            f.seek(max(0, start - 1))  # one byte more: does the tail start a line?
+            data = f.read()
     except FileNotFoundError:
         return None
-    if start > 0:
-        lines = lines[1:]  # the first line of the tail is probably cut at its start
-    for line in reversed(lines):
+    if start > 0:  # drop the tail's first line unless a newline precedes it: it is cut
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    for line in reversed(data.split(b"\n")):
         event = ProgressEvent.from_line(line) if line.strip() else None
         if event is not None:
             return event
