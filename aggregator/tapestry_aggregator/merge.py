@@ -62,13 +62,13 @@ from tapestry_protocol.exchange import (
     upload_shard,
 )
 from tapestry_protocol.layout import Layout
+from tapestry_protocol.progress import Phase, ProgressCallback, ProgressEvent
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray, ShardRef
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -114,7 +114,7 @@ def aggregate_round(
     strategy: Strategy,
     *,
     prefetch: int = 4,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Verified[RoundResult]:
     """Aggregate the closed round `round_number` and publish its signed result.
 
@@ -228,7 +228,7 @@ def merge_until_quorum(
     inputs: RoundInputs,
     strategy: Strategy,
     prefetch: int,
-    progress: Progress | None,
+    progress: ProgressCallback | None,
 ) -> Merged | None:
     """Stream the merge; each refusal mid-stream restarts it without that update, until
     it succeeds or fewer updates than the quorum remain (None)."""
@@ -357,7 +357,7 @@ def stream_merge(
     weights: dict[str, float],
     strategy: Strategy,
     prefetch: int,
-    progress: Progress | None,
+    progress: ProgressCallback | None,
     counter: list[int],
 ) -> tuple[list[ShardRef], list[ShardRef], dict[str, float]]:
     """One pass over every shard; raises _Rejection naming the first bad update."""
@@ -406,7 +406,7 @@ def stream_merge(
                 )  # fmt: skip
             uploads.append((base_upload, state_upload))
             if progress:
-                progress("merge", shard + 1, len(base_refs))
+                progress(ProgressEvent(Phase.MERGE, shard + 1, len(base_refs)))
         out_base = [b.result() for b, _ in uploads]
         out_state = [s.result() for _, s in uploads if s is not None]
     return out_base, out_state, {n: float(np.sqrt(v)) for n, v in norms_sq.items()}

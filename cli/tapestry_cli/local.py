@@ -377,8 +377,8 @@ class Federation:
                             datetime.now(UTC))  # fmt: skip
             with console.status(f"aggregating round {r}") as status:
 
-                def merged(_: str, done: int, total: int, r: int = r) -> None:
-                    status.update(f"aggregating round {r}: shard {done}/{total}")
+                def merged(event: ProgressEvent, r: int = r) -> None:
+                    status.update(f"aggregating round {r}: shard {event.done}/{event.total}")
 
                 result = aggregate_round(
                     store, self.layout, r, coordinator, self.strategy, progress=merged
