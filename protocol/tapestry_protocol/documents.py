@@ -85,6 +85,7 @@ class CloseTrigger(StrEnum):
 
     ALL_REPORTED = "AllReported"
     DEADLINE = "Deadline"
+    QUORUM_LOST = "QuorumLost"
     MANUAL = "Manual"
 
 
