@@ -38,6 +38,10 @@ DEFAULT_WORKDIR = Path("runs/local")
 
 
 def add_parser(sub: Any) -> None:
+    from tapestry_aggregator.strategy import OPTIMIZERS, Strategy
+    from tapestry_protocol.shards import ENCODINGS
+    from tapestry_trainer.specs import add_inner_arguments, add_preset_argument
+
     local = sub.add_parser("local", help="run a federation on this machine").add_subparsers(
         metavar="ACTION"
     )
@@ -48,14 +52,21 @@ def add_parser(sub: Any) -> None:
     )
     run.add_argument("--participants", type=int, default=3, help="how many (demo: 1 language each)")
     run.add_argument("--rounds", type=int, default=4)
-    run.add_argument("--inner-steps", type=int, default=40, help="H, AdamW steps per round")
-    run.add_argument("--preset", default="tiny", help="built-in model: tiny, small, base, 1b")
-    run.add_argument("--lr", type=float, default=3e-3, help="inner learning rate")
-    run.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
-    run.add_argument("--seq-len", type=int, default=128)
-    run.add_argument("--optimizer", default="diloco", choices=["fedavg", "diloco", "fedadam"])
+    add_preset_argument(run)
+    add_inner_arguments(run)  # the standalone trainer's flags, with its defaults
+    run.add_argument(
+        "--optimizer",
+        default=Strategy.optimizer,
+        choices=OPTIMIZERS,
+        help="outer optimizer (default: %(default)s)",
+    )
     run.add_argument("--outer-lr", type=float, default=None, help="default per optimizer")
-    run.add_argument("--encoding", default="fp32", choices=["fp32", "bf16", "int8"])
+    run.add_argument(
+        "--encoding",
+        default="fp32",
+        choices=ENCODINGS,
+        help="how updates are stored (default: %(default)s)",
+    )
     run.add_argument("--nproc-per-participant", type=int, default=1, help="torchrun processes")
     run.add_argument(
         "--data",
@@ -151,21 +162,17 @@ class Federation:
     def __init__(self, args: argparse.Namespace, workdir: Path, people: list[Participant]):
         from tapestry_aggregator.strategy import Strategy
         from tapestry_protocol.layout import Layout
-        from tapestry_trainer.specs import InnerConfig, ModelSpec
+        from tapestry_trainer.specs import ModelSpec, SpecError, inner_config_from_args
 
         self.args = args
         self.workdir = workdir
         self.people = people
         self.layout = Layout(args.federation)
-        self.spec = ModelSpec.preset(args.preset, seed=0)
-        self.config = InnerConfig(
-            steps=args.inner_steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            warmup_steps=max(1, args.inner_steps // 10),
-            checkpoint_every=10,
-        )
+        try:
+            self.spec = ModelSpec.preset(args.preset, seed=args.seed)
+            self.config = inner_config_from_args(args)
+        except SpecError as e:
+            raise LocalRunError(f"bad training settings: {e}") from None
         self.strategy = Strategy(args.optimizer, learning_rate=args.outer_lr)
         self.store_url = args.store or str(workdir / "store")
         self.threads = max(1, (os.cpu_count() or 1) // (len(people) * args.nproc_per_participant))

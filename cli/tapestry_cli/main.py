@@ -82,9 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--federation", required=True)
     agg.add_argument("--round", type=int, required=True)
     agg.add_argument("--key", type=Path, required=True, help="coordinator signing key file or dir")
-    agg.add_argument("--optimizer", default="diloco", choices=["fedavg", "diloco", "fedadam"])
+    from tapestry_aggregator.strategy import OPTIMIZERS, WEIGHTINGS, Strategy
+
+    agg.add_argument(
+        "--optimizer",
+        default=Strategy.optimizer,
+        choices=OPTIMIZERS,
+        help="outer optimizer (default: %(default)s)",
+    )
     agg.add_argument("--learning-rate", type=float, default=None)
-    agg.add_argument("--weighting", default="tokens", choices=["tokens", "equal"])
+    agg.add_argument(
+        "--weighting",
+        default=Strategy.weighting,
+        choices=WEIGHTINGS,
+        help="how updates are weighted (default: %(default)s)",
+    )
     agg.add_argument("--max-share", type=float, default=None)
     agg.set_defaults(run=_aggregate)
     return parser

@@ -30,7 +30,7 @@ from tapestry_trainer.inner import (
     state_arrays,
     train_inner,
 )
-from tapestry_trainer.specs import InnerConfig, ModelSpec
+from tapestry_trainer.specs import InnerConfig, ModelSpec, model_spec_arg
 
 
 def initial_arrays(spec: ModelSpec) -> dict[str, FloatArray]:
@@ -60,16 +60,22 @@ def evaluate_arrays(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="train a local-only baseline model")
-    p.add_argument("--model", required=True, help="model spec JSON (as in the plan)")
+    p.add_argument(
+        "--model-spec", dest="spec", type=model_spec_arg,
+        help="ModelSpec as JSON text or a JSON file (as in the plan); required",
+    )  # fmt: skip
+    p.add_argument("--model", dest="spec", type=model_spec_arg, help=argparse.SUPPRESS)
     p.add_argument("--hyperparameters", required=True, help="JSON (as in the plan)")
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    if args.spec is None:
+        p.error("--model-spec is required")
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = ModelSpec.from_dict(json.loads(args.model))
+    spec: ModelSpec = args.spec
     config = InnerConfig.from_dict(json.loads(args.hyperparameters))
     arrays = train_local_only(spec, config, args.data, args.rounds, args.out.parent / "ckpt")
     save_arrays(arrays, args.out)

@@ -9,10 +9,15 @@ the operator can write, validate and size them without the training stack.
 ``learningRate``, ...) exactly; ``ModelSpec`` is free-form in the schema and round-trips
 its own ``to_dict()`` output. Parameter counts are computed analytically, so a ``1b`` spec
 can be sized without allocating it.
+
+The command-line flags that pick a preset and set an ``InnerConfig`` are defined here too
+(:func:`add_preset_argument`, :func:`add_inner_arguments`), so the standalone trainer and
+``tapestry local run`` spell and default them the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -281,6 +286,114 @@ class InnerConfig:
         """sha256 of the canonical JSON form: a checkpoint only resumes the same config."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- command lines
+
+#: The preset a command line builds when none is named.
+DEFAULT_PRESET = "tiny"
+
+#: Defaults of the flags below where InnerConfig has none (or, for checkpoints, another
+#: one); every other flag defaults to InnerConfig's own field default.
+FLAG_DEFAULTS: dict[str, Any] = {
+    "steps": 40,
+    "lr": 3e-3,
+    "batch_size": 16,
+    "seq_len": 128,
+    "checkpoint_every": 10,
+}
+
+# InnerConfig field -> (flag, hidden older spellings, help). The standalone trainer and the
+# local runner both take these, so each setting has one name and one default.
+_INNER_FLAGS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "steps": ("--inner-steps", ("--steps",), "inner AdamW steps (H, per round)"),
+    "lr": ("--lr", (), "peak inner learning rate"),
+    "batch_size": ("--batch-size", (), "global batch in sequences, summed over all ranks"),
+    "seq_len": ("--seq-len", (), "tokens per sequence"),
+    "warmup_steps": (
+        "--warmup-steps",
+        ("--warmup",),
+        "linear warmup steps (default: a tenth of the inner steps, at least 1)",
+    ),
+    "weight_decay": ("--weight-decay", (), "AdamW weight decay of the matrices"),
+    "grad_clip": ("--grad-clip", (), "clip gradients to this global norm, 0: off"),
+    "min_lr_ratio": ("--min-lr-ratio", (), "the cosine ends at lr times this"),
+    "seed": ("--seed", (), "model initialisation, data order and dropout"),
+    "checkpoint_every": ("--checkpoint-every", (), "local checkpoint every N steps, 0: off"),
+}
+
+
+def default_warmup(steps: int) -> int:
+    """Warmup when none is given: a tenth of the steps, at least one (a fresh optimizer
+    starts every round, so some warmup always helps)."""
+    return max(1, steps // 10)
+
+
+def flag_default(name: str) -> Any:
+    """The command-line default of InnerConfig field ``name`` (None for warmup: derived)."""
+    if name in FLAG_DEFAULTS:
+        return FLAG_DEFAULTS[name]
+    if name == "warmup_steps":
+        return None
+    return next(f.default for f in fields(InnerConfig) if f.name == name)
+
+
+def _dest(name: str) -> str:
+    return _INNER_FLAGS[name][0].removeprefix("--").replace("-", "_")
+
+
+def model_spec_arg(value: str) -> ModelSpec:
+    """argparse type of ``--model-spec``: a ModelSpec as JSON text or a JSON file's path."""
+    from pathlib import Path
+
+    try:
+        text = value if value.lstrip().startswith("{") else Path(value).read_text()
+        return ModelSpec.from_dict(json.loads(text))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:  # JSON, SpecError, missing fields
+        raise argparse.ArgumentTypeError(f"not a model spec: {e}") from None
+
+
+def add_preset_argument(
+    parser: argparse._ActionsContainer, *, aliases: tuple[str, ...] = ()
+) -> None:
+    """``--preset NAME`` (choices: :data:`PRESETS`) on an argparse parser or group;
+    ``aliases`` are accepted but not shown."""
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=list(PRESETS),
+        help="built-in model (default: %(default)s)",
+    )
+    for alias in aliases:
+        parser.add_argument(
+            alias, dest="preset", choices=list(PRESETS), default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )  # fmt: skip
+
+
+def add_inner_arguments(parser: argparse._ActionsContainer) -> None:
+    """The flags that set an :class:`InnerConfig`, read back by :func:`inner_config_from_args`."""
+    types = {f.name: f.type for f in fields(InnerConfig)}
+    for name, (flag, aliases, text) in _INNER_FLAGS.items():
+        kind: type[int] | type[float] = float if types[name] in ("float", float) else int
+        default = flag_default(name)
+        shown = text if default is None else f"{text} (default: %(default)s)"
+        parser.add_argument(flag, type=kind, default=default, help=shown)
+        for alias in aliases:
+            parser.add_argument(
+                alias, dest=_dest(name), type=kind, default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )  # fmt: skip
+
+
+def inner_config_from_args(args: argparse.Namespace) -> InnerConfig:
+    """The :class:`InnerConfig` that :func:`add_inner_arguments`' flags describe."""
+    values = {name: getattr(args, _dest(name)) for name in _INNER_FLAGS}
+    if values["warmup_steps"] is None:
+        values["warmup_steps"] = default_warmup(values["steps"])
+    return InnerConfig(**values)
 
 
 def _reject_unknown(data: Mapping[str, Any], known: set[str], where: str) -> None:

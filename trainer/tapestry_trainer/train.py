@@ -3,8 +3,11 @@
 For local-only baselines, benchmarks and smoke tests of a participant's hardware; the same
 code path as a federated round, minus the object store::
 
-    torchrun --nproc-per-node 2 -m tapestry_trainer.train --data shards/de --model tiny \\
-        --steps 200 --lr 3e-3 --batch-size 16 --seq-len 128 --out local.safetensors
+    torchrun --nproc-per-node 2 -m tapestry_trainer.train --data shards/de --preset tiny \\
+        --inner-steps 200 --lr 3e-3 --batch-size 16 --seq-len 128 --out local.safetensors
+
+The model and inner-training flags (``--preset``, ``--inner-steps``, ``--lr``, ...) are
+the ones ``tapestry local run`` takes, with the same defaults (:mod:`tapestry_trainer.specs`).
 
 Weights are read (``--init``) and written (``--out``) as safetensors files of float32 arrays
 keyed by the exchange names (``inner.load_arrays``/``save_arrays``). Without torchrun it runs
@@ -33,7 +36,13 @@ from tapestry_trainer.inner import (
     state_arrays,
     train_inner,
 )
-from tapestry_trainer.specs import InnerConfig, ModelSpec
+from tapestry_trainer.specs import (
+    ModelSpec,
+    add_inner_arguments,
+    add_preset_argument,
+    inner_config_from_args,
+    model_spec_arg,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,23 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="shard set (or plug-in loader data path)")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--model", default="tiny", help="built-in preset name")
-    model.add_argument("--model-spec", type=Path, help="ModelSpec JSON (built-in or plug-in)")
+    add_preset_argument(model, aliases=("--model",))
+    model.add_argument(
+        "--model-spec", type=model_spec_arg, help="ModelSpec as a JSON file or JSON text"
+    )
     p.add_argument("--loader", help="plug-in loader as module:function")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=16, help="global, in sequences")
+    add_inner_arguments(p)
     p.add_argument("--micro-batch-size", type=int, help="per rank and forward")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, help="start weights (.safetensors); default: spec init")
     p.add_argument("--out", type=Path, help="write the trained weights (.safetensors)")
     p.add_argument("--checkpoint-dir", type=Path)
-    p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--metrics-out", type=Path)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -70,23 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    spec = (
-        ModelSpec.from_dict(json.loads(args.model_spec.read_text()))
-        if args.model_spec
-        else ModelSpec.preset(args.model, seed=args.seed)
-    )
-    config = InnerConfig(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        warmup_steps=args.warmup,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        min_lr_ratio=args.min_lr_ratio,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+    spec = args.model_spec or ModelSpec.preset(args.preset, seed=args.seed)
+    config = inner_config_from_args(args)
     with distributed(device=args.device) as ctx:
         model = plugins.build_model(spec)
         if args.init is not None and ctx.is_main:
