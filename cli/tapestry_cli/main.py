@@ -2,6 +2,11 @@
 
 Subcommands import what they need lazily, so `tapestry keys` and `tapestry rounds` work
 in the operator image, which has no torch.
+
+A mistake in what was typed, a store that cannot be used, or a document in the store
+that is refused ends with one line `error: ...` and exit status 2; a traceback would
+only hide the sentence that says what to fix. Anything else escaping a command is a
+bug: one line says so and where its traceback went (exit status 1).
 """
 
 from __future__ import annotations
@@ -9,13 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
+from rich.text import Text
 
-from tapestry_cli.errors import UsageError
+from tapestry_cli.errors import RefusedInput, UsageError
 
 if TYPE_CHECKING:
     from tapestry_protocol.store import ObjectStore
@@ -23,28 +32,196 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 STORE_HELP = "object store: a directory, file:///path, or s3://bucket/prefix?endpoint=URL"
 
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "TAPESTRY_DEBUG"
+COORDINATOR_KEY_ENV = "TAPESTRY_COORDINATOR_KEY"
+
+EPILOG = f"""\
+exit status:
+  0    done
+  1    internal error, a bug in tapestry: one line says where the traceback was
+       written ({DEBUG_ENV}=1 prints it instead)
+  2    a usage mistake, a store that cannot be used, or a document in the store that
+       is refused (such as a signature that does not verify): one line "error: ..."
+       says what to fix
+  130  interrupted
+
+docs/cli.md has examples of each.
+"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
-        result: int = args.run(args)
-        return result
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return EXIT_USAGE
+        status: int = args.run(args)
+        return status
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        return 130
-    except UsageError as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
+        console.print(Text("interrupted", style="yellow"), soft_wrap=True)
+        return EXIT_INTERRUPTED
+    except (UsageError, RefusedInput) as e:
+        _error_line(str(e))
+        return EXIT_USAGE
+    except Exception as e:
+        refused = _store_error(e)
+        if refused is not None:
+            _error_line(refused)
+            return EXIT_USAGE
+        return _internal_error(e)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _error_line(message: str) -> None:
+    """`error: <message>` on stderr as one line: never wrapped, never read as markup."""
+    console.print(Text.assemble(("error:", "bold red"), " ", _one_line(message)), soft_wrap=True)
+
+
+def _store_error(error: Exception) -> str | None:
+    """The message of a failure of the store or a refusal of its contents, else None.
+
+    Imported here rather than at the top, so that `tapestry --help` stays quick."""
+    try:
+        from tapestry_protocol.rejections import Rejected
+        from tapestry_protocol.store import StoreError
+    except ImportError:
+        return None
+    if isinstance(error, Rejected):
+        return f"refused: {error}"
+    if isinstance(error, StoreError):
+        return f"store: {error}"
+    return None
+
+
+def _internal_error(error: Exception) -> int:
+    """A bug: one line, with the traceback in a file (or on stderr with TAPESTRY_DEBUG=1)."""
+    what = _one_line(f"{type(error).__name__}: {error}")
+    trace = traceback.format_exc()
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        sys.stderr.write(trace)
+        console.print(f"internal error (a bug in tapestry): {what}", markup=False, soft_wrap=True)
+        return EXIT_INTERNAL
+    written = _write_traceback(trace)
+    where = f"traceback in {written}" if written else "the traceback could not be saved"
+    console.print(
+        f"internal error (a bug in tapestry): {what}; {where}; "
+        f"re-run with {DEBUG_ENV}=1 to print it",
+        markup=False,
+        soft_wrap=True,
+    )
+    return EXIT_INTERNAL
+
+
+def _write_traceback(trace: str) -> Path | None:
+    try:
+        fd, name = tempfile.mkstemp(prefix="tapestry-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"tapestry {' '.join(sys.argv[1:])}\n\n{trace}")
+    except OSError:
+        return None
+    return Path(name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes become UsageErrors, so they read like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def round_number(text: str) -> int:
+    """argparse type: rounds are whole numbers from 0 (keys are zero-padded numbers)."""
+    from tapestry_protocol.layout import round_dir
+
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"round must be a whole number >= 0, got {text}")
+    try:
+        round_dir(int(text))  # the layout's own bounds
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return int(text)
+
+
+def federation_name(text: str) -> str:
+    """argparse type: a federation name is a DNS label, checked before any store access."""
+    return _name("federation", text)
+
+
+def participant_name(text: str) -> str:
+    """argparse type: participant names are DNS labels, like the plans that list them."""
+    return _name("participant", text)
+
+
+def _name(kind: str, text: str) -> str:
+    from tapestry_protocol.layout import validate_name
+
+    try:
+        return validate_name(kind, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def coordinator_key_arg(text: str) -> str | None:
+    """argparse type for --coordinator-key: the key text, checked before any store access."""
+    try:
+        return coordinator_public_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def coordinator_public_key(value: str | None) -> str | None:
+    """The key text from `ed25519:...` or from a file that holds it; None for no key.
+
+    Anything else is a ValueError saying what is wrong: a path that does not exist is
+    never taken for key text, nor a file for a key."""
+    from tapestry_protocol.signing import PUBLIC_KEY_PREFIX, public_key_from_text
+
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.startswith(PUBLIC_KEY_PREFIX):
+        try:
+            public_key_from_text(text)
+        except ValueError as e:
+            raise ValueError(f"coordinator key {text!r} is not a valid key: {e}") from None
+        return text
+    path = Path(value)
+    if not path.exists():
+        raise ValueError(
+            f"coordinator key file {path} does not exist "
+            f"(give a .pub file or the key text {PUBLIC_KEY_PREFIX}...)"
+        )
+    try:
+        content = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read coordinator key file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        content = ""
+    if "PRIVATE KEY" in content:
+        raise ValueError(
+            f"coordinator key file {path} holds a private key; give the public one (.pub)"
+        )
+    try:
+        public_key_from_text(content)
+    except ValueError as e:
+        raise ValueError(f"coordinator key file {path} does not hold a public key: {e}") from None
+    return content
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tapestry",
         description="Sovereign federated training: one shared model, data stays home.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -52,35 +229,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     local.add_parser(sub)
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(metavar="ACTION")
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
+        metavar="ACTION", required=True
+    )
     create = keys.add_parser("create", help="create an Ed25519 key pair for a participant")
-    create.add_argument("name", help="participant name, or 'coordinator'")
+    create.add_argument("name", type=participant_name, help="participant name, or 'coordinator'")
     create.add_argument("--out", type=Path, default=Path("."), help="directory for the files")
     create.set_defaults(run=_keys_create)
 
     rounds = sub.add_parser("rounds", help="inspect rounds in a store").add_subparsers(
-        metavar="ACTION"
+        metavar="ACTION", required=True
     )
     for name, helptext, run in (
         ("list", "one line per round", _rounds_list),
         ("show", "participants, verdicts and metrics of one round", _rounds_show),
     ):
-        p = rounds.add_parser(name, help=helptext)
+        p = rounds.add_parser(
+            name,
+            help=helptext,
+            description=f"{helptext}. With a coordinator key, exit status 2 if a signature "
+            "does not verify; without one, nothing is verified and every verdict says so.",
+        )
         p.add_argument("--store", required=True, help=STORE_HELP)
-        p.add_argument("--federation", required=True)
+        p.add_argument("--federation", required=True, type=federation_name)
         p.add_argument(
             "--coordinator-key",
-            default=os.environ.get("TAPESTRY_COORDINATOR_KEY"),
-            help="coordinator public key (ed25519:...) or .pub file, to verify signatures",
+            type=coordinator_key_arg,
+            default=None,
+            help="coordinator public key (ed25519:...) or .pub file, to verify signatures "
+            f"(default: ${COORDINATOR_KEY_ENV})",
         )
         if name == "show":
-            p.add_argument("round", type=int)
+            p.add_argument("round", type=round_number)
         p.set_defaults(run=run)
 
     agg = sub.add_parser("aggregate", help="merge a round's updates and publish its result")
     agg.add_argument("--store", required=True, help=STORE_HELP)
-    agg.add_argument("--federation", required=True)
-    agg.add_argument("--round", type=int, required=True)
+    agg.add_argument("--federation", required=True, type=federation_name)
+    agg.add_argument("--round", type=round_number, required=True)
     agg.add_argument("--key", type=Path, required=True, help="coordinator signing key file or dir")
     from tapestry_aggregator.strategy import OPTIMIZERS, WEIGHTINGS, Strategy
 
@@ -98,32 +284,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="how updates are weighted (default: %(default)s)",
     )
     agg.add_argument("--max-share", type=float, default=None)
+    agg.add_argument(
+        "--close",
+        action="store_true",
+        help="close the round first if it is not closed: the updates committed so far are in",
+    )
     agg.set_defaults(run=_aggregate)
     return parser
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from tapestry_protocol.layout import validate_name
     from tapestry_protocol.signing import SigningKey
 
+    out: Path = args.out
+    _check_out(out)
+    where = out.absolute() if str(out) == "." else out
+    for suffix in (".key", ".pub"):
+        if (out / f"{args.name}{suffix}").exists():
+            raise UsageError(_exists(f"{args.name}{suffix}", where))
     try:
-        validate_name("participant", args.name)
-        private, public = SigningKey.generate(args.name).save(args.out)
-    except (ValueError, FileExistsError) as e:
-        raise UsageError(str(e)) from None
+        private, public = SigningKey.generate(args.name).save(out)
+    except FileExistsError:  # created since the check above
+        raise UsageError(_exists(f"{args.name}.key", where)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write keys into --out {out}: {e.strerror}") from None
     console.print(f"private key: {private} (keep it secret; mount it as a Secret)")
     console.print(f"public key:  {public}")
     print(public.read_text().strip())
-    return 0
+    return EXIT_OK
 
 
-def coordinator_public_key(value: str | None) -> str | None:
-    if not value:
-        return None
-    path = Path(value)
-    if not value.startswith("ed25519:") and path.exists():
-        return path.read_text().strip()
-    return value
+def _exists(name: str, where: Path) -> str:
+    return f"{name} already exists in {where}; choose another --out or remove it first"
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a writable directory, or creatable as one; name what is in the way."""
+    for path in (out, *out.parents):
+        try:
+            is_dir = path.is_dir()
+            exists = is_dir or os.path.lexists(path)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot look at {path}: {e.strerror}") from None
+        if not exists:
+            continue
+        if not is_dir:
+            if path == out:
+                raise UsageError(f"--out {out} is a file, not a directory")
+            raise UsageError(f"--out {out} is under {path}, which is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            if path == out:
+                raise UsageError(f"--out {out} is not writable")
+            raise UsageError(f"--out {out} cannot be created: {path} is not writable")
+        return
+
+
+def _coordinator_key(args: argparse.Namespace) -> str | None:
+    """--coordinator-key, else $TAPESTRY_COORDINATOR_KEY, checked the same way."""
+    if args.coordinator_key is not None:
+        key: str = args.coordinator_key
+        return key
+    try:
+        return coordinator_public_key(os.environ.get(COORDINATOR_KEY_ENV))
+    except ValueError as e:
+        raise UsageError(f"${COORDINATOR_KEY_ENV}: {e}") from None
 
 
 def _open(args: argparse.Namespace) -> ObjectStore:
@@ -138,24 +362,31 @@ def _open(args: argparse.Namespace) -> ObjectStore:
 def _rounds_list(args: argparse.Namespace) -> int:
     from tapestry_cli.inspect import list_rounds
 
-    list_rounds(_open(args), args.federation, coordinator_public_key(args.coordinator_key))
-    return 0
+    key = _coordinator_key(args)
+    failures = list_rounds(_open(args), args.federation, key)
+    if failures:
+        raise RefusedInput(f"federation {args.federation}: {'; '.join(failures)}")
+    return EXIT_OK
 
 
 def _rounds_show(args: argparse.Namespace) -> int:
     from tapestry_cli.inspect import show_round
 
-    show_round(
-        _open(args), args.federation, args.round, coordinator_public_key(args.coordinator_key)
-    )
-    return 0
+    key = _coordinator_key(args)
+    failures = show_round(_open(args), args.federation, args.round, key)
+    if failures:
+        where = f"round {args.round} of federation {args.federation}"
+        raise RefusedInput(f"{where}: {'; '.join(failures)}")
+    return EXIT_OK
 
 
 def _aggregate(args: argparse.Namespace) -> int:
     from tapestry_aggregator.memory import keep_freed_memory
-    from tapestry_aggregator.merge import aggregate_round, result_summary
+    from tapestry_aggregator.merge import aggregate_round
     from tapestry_aggregator.strategy import Strategy
-    from tapestry_protocol.exchange import COORDINATOR
+    from tapestry_protocol import rejections
+    from tapestry_protocol.documents import CloseTrigger, Outcome
+    from tapestry_protocol.exchange import COORDINATOR, close_round, read_plan
     from tapestry_protocol.layout import Layout
     from tapestry_protocol.rejections import Rejected
     from tapestry_protocol.signing import load_signing_key
@@ -174,12 +405,30 @@ def _aggregate(args: argparse.Namespace) -> int:
     store = _open(args)
     keep_freed_memory()
     try:
+        if args.close:
+            plan = read_plan(store, layout, args.round, signer.public_key_text)
+            close_round(store, layout, plan, signer, CloseTrigger.MANUAL, datetime.now(UTC))
         result = aggregate_round(store, layout, args.round, signer, strategy)
     except Rejected as e:
-        raise UsageError(f"round {args.round} cannot be aggregated: {e}") from None
-    summary = result_summary(result)
-    console.print(summary)
-    return 0 if summary["outcome"] == "Succeeded" else 1
+        hint = ""
+        if e.reason == rejections.NOT_CLOSED:
+            hint = " (--close closes it now, with the updates committed so far)"
+        raise UsageError(f"round {args.round} cannot be aggregated: {e}{hint}") from None
+    doc = result.document
+    console.print(
+        {
+            "round": doc.round,
+            "outcome": str(doc.outcome),
+            "message": doc.message,
+            "accepted": {a.participant: a.weight for a in doc.accepted},
+            "rejected": {r.participant: f"{r.reason}: {r.message}" for r in doc.rejected},
+            "metrics": doc.metrics,
+        }
+    )
+    if doc.outcome != Outcome.SUCCEEDED:
+        where = f"round {args.round} of federation {args.federation}"
+        raise RefusedInput(f"{where} {doc.outcome}: {doc.message}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
