@@ -12,6 +12,7 @@ bug: one line says so and where its traceback went (exit status 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -285,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agg.add_argument("--max-share", type=float, default=None)
     agg.add_argument(
+        "--strategy",
+        default=None,
+        metavar="JSON",
+        help="the whole strategy as JSON (as a result records it); replaces the flags above",
+    )
+    agg.add_argument(
         "--close",
         action="store_true",
         help="close the round first if it is not closed: the updates committed so far are in",
@@ -393,14 +400,17 @@ def _aggregate(args: argparse.Namespace) -> int:
 
     try:
         signer = load_signing_key(COORDINATOR, args.key)
-        strategy = Strategy(
-            optimizer=args.optimizer,
-            learning_rate=args.learning_rate,
-            weighting=args.weighting,
-            max_share=args.max_share,
-        )
+        if args.strategy is not None:
+            strategy = Strategy.from_json(json.loads(args.strategy))
+        else:
+            strategy = Strategy(
+                optimizer=args.optimizer,
+                learning_rate=args.learning_rate,
+                weighting=args.weighting,
+                max_share=args.max_share,
+            )
         layout = Layout(args.federation)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     store = _open(args)
     keep_freed_memory()

@@ -1,0 +1,380 @@
+"""Kubernetes objects the operator creates, built by pure functions (no API calls).
+
+Children have deterministic names (so a create that returns 409 means done), owner
+references (so deleting the parent collects them), the recommended labels, and the
+restricted Pod Security Standard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from tapestry_operator import api
+from tapestry_operator.config import FederationConfig, ParticipantConfig, RoundConfig, SecretRef
+from tapestry_protocol import pod
+
+Obj = dict[str, Any]
+
+TRAINER = "trainer"
+AGGREGATOR = "aggregator"
+BOOTSTRAP = "bootstrap"
+MAX_NAME = 63
+JOB_BACKOFF_LIMIT = 3  # crashes retried; permanent refusals fail at once
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def child_name(parent: str, suffix: str) -> str:
+    """`<parent>-<suffix>`, shortened with a hash when it would pass 63 characters
+    (Job pods' hostnames and label values must stay DNS labels)."""
+    name = f"{parent}-{suffix}"
+    if len(name) <= MAX_NAME - 6:  # room for an Indexed Job's `-<index>` hostnames
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{parent[: MAX_NAME - 6 - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def training_job_name(participant: str, round_number: int) -> str:
+    return child_name(participant, f"r{round_number}")
+
+
+def aggregator_job_name(federation: str, round_number: int) -> str:
+    return child_name(federation, f"r{round_number}-aggregate")
+
+
+def bootstrap_job_name(federation: str) -> str:
+    return child_name(federation, "bootstrap")
+
+
+def owner_reference(body: Mapping[str, Any]) -> Obj:
+    return {
+        "apiVersion": body.get("apiVersion", api.API_VERSION),
+        "kind": body["kind"],
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(component: str, federation: str, **extra: str) -> dict[str, str]:
+    out = {
+        api.LABEL_NAME: api.APP,
+        api.LABEL_COMPONENT: component,
+        api.LABEL_MANAGED_BY: api.MANAGER,
+        api.LABEL_PART_OF: federation,
+        api.LABEL_FEDERATION: federation,
+    }
+    out.update(extra)
+    return out
+
+
+def restricted_container_security() -> Obj:
+    """The restricted Pod Security Standard, for every container the operator creates."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_pod_security() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _secret_volume(name: str, ref: SecretRef, items: list[str] | None = None) -> Obj:
+    secret: Obj = {"secretName": ref.name, "defaultMode": 0o440}
+    if items:
+        secret["items"] = [{"key": k, "path": k} for k in items]
+    return {"name": name, "secret": secret}
+
+
+def _store_volumes(config: FederationConfig | ParticipantConfig) -> tuple[list[Obj], list[Obj]]:
+    """The store's credentials and CA as read-only files (never environment values)."""
+    volumes = [_secret_volume("store-credentials", config.store.credentials)]
+    mounts = [
+        {"name": "store-credentials", "mountPath": pod.STORE_CREDENTIALS_MOUNT, "readOnly": True}
+    ]
+    if config.store.ca is not None:
+        volumes.append(_secret_volume("store-ca", config.store.ca, [config.store.ca.key]))
+        mounts.append({"name": "store-ca", "mountPath": pod.STORE_CA_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _signing_volume(ref: SecretRef) -> tuple[Obj, Obj]:
+    return (
+        _secret_volume("signing-key", ref, ["signing.key"]),
+        {"name": "signing-key", "mountPath": pod.SIGNING_KEY_DIR, "readOnly": True},
+    )
+
+
+def _env(values: Mapping[str, str]) -> list[Obj]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def _pod_failure_policy(container: str) -> Obj:
+    """Refusals and misconfiguration fail the Job at once; crashes use the backoff
+    budget; evictions and preemptions do not count at all."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [int(c) for c in pod.PERMANENT_EXIT_CODES],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def build_rendezvous_service(
+    config: ParticipantConfig, round_number: int, owner: Mapping[str, Any]
+) -> Obj:
+    """The headless Service whose DNS names let torchrun's nodes find node 0."""
+    name = training_job_name(config.name, round_number)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": config.namespace,
+            "labels": labels(TRAINER, config.federation, **_round_labels(config, round_number)),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before readiness
+            "selector": {"batch.kubernetes.io/job-name": name},
+            "ports": [{"name": "c10d", "port": config.rendezvous_port}],
+        },
+    }
+
+
+def _round_labels(config: ParticipantConfig, round_number: int) -> dict[str, str]:
+    return {api.LABEL_PARTICIPANT: config.member, api.LABEL_ROUND: str(round_number)}
+
+
+def build_training_job(
+    config: ParticipantConfig,
+    round_number: int,
+    owner: Mapping[str, Any],
+    traceparent: str | None = None,
+) -> Obj:
+    """The Indexed Job of one participant's round: one pod per node, torchrun in each,
+    wired as Kubeflow Trainer does (PET_* variables, node rank from the completion
+    index, node 0 found through the headless Service)."""
+    name = training_job_name(config.name, round_number)
+    job_labels = labels(TRAINER, config.federation, **_round_labels(config, round_number))
+    if config.kueue_queue:
+        job_labels[api.KUEUE_QUEUE_LABEL] = config.kueue_queue
+    volumes, mounts = _store_volumes(config)
+    key_volume, key_mount = _signing_volume(config.signing_key)
+    volumes += [
+        key_volume,
+        {"name": "data", "persistentVolumeClaim": {"claimName": config.pvc, "readOnly": True}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
+    ]
+    data_mount: Obj = {"name": "data", "mountPath": pod.DATA_MOUNT, "readOnly": True}
+    if config.data_path.strip("/"):
+        data_mount["subPath"] = config.data_path.strip("/")
+    mounts += [
+        key_mount,
+        data_mount,
+        {"name": "work", "mountPath": pod.WORK_MOUNT},
+        {"name": "shm", "mountPath": pod.SHM_MOUNT},
+    ]
+    env = {
+        "PET_NNODES": str(config.nodes),
+        "PET_NPROC_PER_NODE": str(config.procs_per_node),
+        "PET_MASTER_ADDR": f"{name}-0.{name}",
+        "PET_MASTER_PORT": str(config.rendezvous_port),
+        pod.STORE: config.store.pod_url(),
+        pod.FEDERATION: config.federation,
+        pod.ROUND: str(round_number),
+        pod.PARTICIPANT: config.member,
+        pod.KEY: pod.SIGNING_KEY_DIR,
+        pod.COORDINATOR_KEY: config.coordinator_key,
+        pod.DATA: pod.DATA_MOUNT,
+        pod.WORKDIR: pod.WORK_MOUNT,
+        pod.VERDICT: f"{pod.WORK_MOUNT}/verdict.json",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if config.loader:
+        env[pod.LOADER] = config.loader
+    if config.loader_options:
+        env[pod.LOADER_OPTIONS] = json.dumps(config.loader_options, sort_keys=True)
+    if traceparent:
+        env[pod.TRACEPARENT] = traceparent
+    resources = _gpu_resources(config.resources, config.gpus_per_node)
+    container: Obj = {
+        "name": TRAINER,
+        "image": config.image,
+        "command": ["python", "-m", "tapestry_trainer.launch"],
+        "env": [
+            *_env(env),
+            {
+                "name": "PET_NODE_RANK",
+                "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}},
+            },
+        ],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": restricted_container_security(),
+        "terminationMessagePath": pod.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "subdomain": name,
+        "automountServiceAccountToken": False,  # the trainer never calls the API
+        "enableServiceLinks": False,
+        "securityContext": restricted_pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if config.node_selector:
+        pod_spec["nodeSelector"] = dict(config.node_selector)
+    if config.tolerations:
+        pod_spec["tolerations"] = list(config.tolerations)
+    if config.priority_class:
+        pod_spec["priorityClassName"] = config.priority_class
+    spec: Obj = {
+        "completionMode": "Indexed",
+        "completions": config.nodes,
+        "parallelism": config.nodes,
+        "backoffLimit": JOB_BACKOFF_LIMIT * config.nodes,
+        "podFailurePolicy": _pod_failure_policy(TRAINER),
+        "template": {"metadata": {"labels": dict(job_labels)}, "spec": pod_spec},
+    }
+    if config.kueue_queue:
+        spec["suspend"] = True  # Kueue admits the Job by unsuspending it
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": config.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": spec,
+    }
+
+
+def _gpu_resources(resources: Mapping[str, Any], gpus: int) -> Obj:
+    """The container's resources with `nvidia.com/gpu` set explicitly from gpusPerNode."""
+    out: Obj = {k: dict(v) for k, v in resources.items() if k in ("requests", "limits")}
+    if gpus:
+        out.setdefault("requests", {})["nvidia.com/gpu"] = str(gpus)
+        out.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
+    return out
+
+
+def _coordinator_pod(
+    config: FederationConfig, component: str, image: str, command: list[str], labels_: Obj
+) -> Obj:
+    volumes, mounts = _store_volumes(config)
+    key_volume, key_mount = _signing_volume(config.signing_key)
+    volumes += [key_volume, {"name": "tmp", "emptyDir": {}}]
+    mounts += [key_mount, {"name": "tmp", "mountPath": "/tmp"}]
+    container: Obj = {
+        "name": component,
+        "image": image,
+        "command": command,
+        "env": _env({"PYTHONUNBUFFERED": "1", "HOME": "/tmp"}),
+        "resources": {k: dict(v) for k, v in config.aggregator_resources.items()},
+        "volumeMounts": mounts,
+        "securityContext": restricted_container_security(),
+    }
+    spec: Obj = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": restricted_pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if config.aggregator_service_account:
+        spec["serviceAccountName"] = config.aggregator_service_account
+    return {"metadata": {"labels": labels_}, "spec": spec}
+
+
+def build_aggregator_job(
+    federation: FederationConfig, round_config: RoundConfig, owner: Mapping[str, Any]
+) -> Obj:
+    """The Job that merges a closed round (operator image, no torch); re-running it is
+    safe: the merge of a closed round is deterministic and write-once."""
+    name = aggregator_job_name(federation.name, round_config.round)
+    job_labels = labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)})
+    command = [
+        "tapestry", "aggregate",
+        "--store", federation.store.pod_url(),
+        "--federation", federation.name,
+        "--round", str(round_config.round),
+        "--key", pod.SIGNING_KEY_DIR,
+        "--strategy", json.dumps(federation.strategy.to_json(), sort_keys=True),
+    ]  # fmt: skip
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": federation.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "podFailurePolicy": _pod_failure_policy(AGGREGATOR),
+            "template": _coordinator_pod(
+                federation, AGGREGATOR, federation.aggregator_image, command, job_labels
+            ),
+        },
+    }
+
+
+def build_bootstrap_job(federation: FederationConfig, owner: Mapping[str, Any]) -> Obj:
+    """The Job that publishes round 0's base from the model preset (trainer image: it
+    needs torch to initialise the model; the operator does not have it)."""
+    name = bootstrap_job_name(federation.name)
+    job_labels = labels(BOOTSTRAP, federation.name)
+    command = [
+        "python", "-m", "tapestry_trainer.bootstrap",
+        "--store", federation.store.pod_url(),
+        "--federation", federation.name,
+        "--preset", federation.preset,
+        "--seed", str(federation.seed),
+        "--key", pod.SIGNING_KEY_DIR,
+    ]  # fmt: skip
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": federation.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "podFailurePolicy": _pod_failure_policy(BOOTSTRAP),
+            "template": _coordinator_pod(
+                federation, BOOTSTRAP, federation.trainer_image, command, job_labels
+            ),
+        },
+    }
