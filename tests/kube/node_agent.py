@@ -171,6 +171,7 @@ class Container:
     init: bool
     log_dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    termination_file: Path | None = None
     restart_count: int = 0
     started_at: str = ""
     state: Obj = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
@@ -403,6 +404,15 @@ class PodWorker(threading.Thread):
             self._wait_all(err.reason, err.message)
             c.next_start = time.monotonic() + 2
             return
+        c.termination_file = self._termination_file(c)
+        if c.termination_file is not None:
+            mounts.append(
+                {
+                    "source": str(c.termination_file),
+                    "target": c.spec["terminationMessagePath"],
+                    "read_only": False,
+                }
+            )
         init_spec = {
             "mounts": mounts,
             "hostname": "" if self.pod["spec"].get("hostNetwork") else self.hostname,
@@ -439,18 +449,41 @@ class PodWorker(threading.Thread):
         c.state = {"running": {"startedAt": c.started_at}}
         self.agent.event(self.pod, "Normal", "Started", f"Started container {c.name}")
 
+    def _termination_file(self, c: Container) -> Path | None:
+        """A fresh host file bind-mounted at the container's terminationMessagePath, as
+        the kubelet does; None for pods on the host network (nothing to mount into)."""
+        if not c.spec.get("terminationMessagePath") or self.pod["spec"].get("hostNetwork"):
+            return None
+        path = c.log_dir / f"{c.restart_count}.termination"
+        path.write_bytes(b"")
+        return path
+
+    def _termination_message(self, c: Container, code: int) -> str:
+        """What the container wrote to its termination log (at most 4 KiB, like the
+        kubelet), or with FallbackToLogsOnError the tail of its log when it failed."""
+        text = ""
+        if c.termination_file is not None and c.termination_file.exists():
+            text = c.termination_file.read_bytes()[:4096].decode(errors="replace").strip()
+        fallback = c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        if not text and fallback and code != 0 and c.log_file().exists():
+            lines = c.log_file().read_bytes()[-2048:].decode(errors="replace").splitlines()
+            text = "\n".join(lines[-80:]).strip()
+        return text
+
     def _reap(self, c: Container) -> int:
         assert c.proc is not None
         code = signal_exit_code(c.proc.wait())
-        c.state = {
-            "terminated": {
-                "exitCode": code,
-                "reason": "Completed" if code == 0 else "Error",
-                "startedAt": c.started_at,
-                "finishedAt": now_rfc3339(),
-                "containerID": c.status(self.uid)["containerID"],
-            }
+        terminated: Obj = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": c.started_at,
+            "finishedAt": now_rfc3339(),
+            "containerID": c.status(self.uid)["containerID"],
         }
+        message = self._termination_message(c, code)
+        if message:
+            terminated["message"] = message
+        c.state = {"terminated": terminated}
         return code
 
     def _kill_all(self, grace: float) -> None:

@@ -146,6 +146,28 @@ def test_job_fails_after_backoff_limit(kube: Kube) -> None:
         assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 1
 
 
+def test_termination_message_and_pod_failure_policy(kube: Kube) -> None:
+    """The container's termination log reaches its status, as the operator reads it,
+    and an exit code named in podFailurePolicy fails the Job without retries."""
+    code = (
+        "import sys; open('/dev/termination-log', 'w').write('refused: bad plan'); sys.exit(3)"
+    )
+    manifest = job("refusing", code, backoff_limit=4)
+    manifest["spec"]["podFailurePolicy"] = {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [3]}},
+        ]
+    }
+    kube.apply(manifest)
+    failed = kube.wait_job("refusing", "Failed", timeout=120)
+    cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "PodFailurePolicy"
+    (pod,) = kube.pods("job-name=refusing")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 3
+    assert terminated["message"] == "refused: bad plan"
+
+
 def test_on_failure_restarts_container_in_place(kube: Kube) -> None:
     code = textwrap.dedent("""
         import os, sys

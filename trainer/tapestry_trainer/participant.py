@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch.distributed as dist
 
+from tapestry_protocol import pod
 from tapestry_protocol.documents import ModelManifest, RoundPlan
 from tapestry_protocol.exchange import (
     Verified,
@@ -34,7 +35,9 @@ from tapestry_protocol.exchange import (
     read_plan,
     read_plan_base,
 )
+from tapestry_protocol.files import atomic_write_text
 from tapestry_protocol.layout import Layout
+from tapestry_protocol.pod import ExitCode
 from tapestry_protocol.progress import Phase, ProgressEvent, append
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
@@ -54,7 +57,12 @@ from tapestry_trainer.specs import InnerConfig, ModelSpec, SpecError
 
 
 class ParticipantError(Exception):
-    """Why this participant cannot take part in the round, in words for the log."""
+    """Why this participant cannot take part in the round, in words for the log, and
+    whether retrying could help (the pod contract's exit codes)."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def compute_delta(
@@ -69,38 +77,45 @@ def compute_delta(
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"TAPESTRY_{name}", default)
+    """A `TAPESTRY_*` variable of the pod contract (`tapestry_protocol.pod`)."""
+    return os.environ.get(name, default)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tapestry_trainer.participant", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--store", default=_env("STORE"), help="object store URL")
-    p.add_argument("--federation", default=_env("FEDERATION"))
-    p.add_argument("--round", type=int, default=_env("ROUND"))
-    p.add_argument("--name", default=_env("PARTICIPANT"), help="this participant's name")
-    p.add_argument("--key", type=Path, default=_env("KEY"), help="signing key file or Secret dir")
+    p.add_argument("--store", default=_env(pod.STORE), help="object store URL")
+    p.add_argument("--federation", default=_env(pod.FEDERATION))
+    p.add_argument("--round", type=int, default=_env(pod.ROUND))
+    p.add_argument("--name", default=_env(pod.PARTICIPANT), help="this participant's name")
+    p.add_argument("--key", type=Path, default=_env(pod.KEY), help="signing key file or Secret dir")
     p.add_argument(
         "--coordinator-key",
-        default=_env("COORDINATOR_KEY"),
+        default=_env(pod.COORDINATOR_KEY),
         help="coordinator public key, ed25519:...",
     )
-    p.add_argument("--data", default=_env("DATA"), help="token shard directory")
-    p.add_argument("--loader", default=_env("LOADER"), help="plug-in loader module:function")
-    p.add_argument("--loader-options", default=_env("LOADER_OPTIONS"),
+    p.add_argument("--data", default=_env(pod.DATA), help="token shard directory")
+    p.add_argument("--loader", default=_env(pod.LOADER), help="plug-in loader module:function")
+    p.add_argument("--loader-options", default=_env(pod.LOADER_OPTIONS),
                    help="JSON object handed to the plug-in loader as ctx.options")  # fmt: skip
     p.add_argument(
         "--workdir",
         type=Path,
-        default=Path(_env("WORKDIR", "/tmp/tapestry") or "."),
+        default=Path(_env(pod.WORKDIR, "/tmp/tapestry") or "."),
         help="local checkpoints (an emptyDir or PVC in a pod)",
     )
     p.add_argument(
         "--progress",
         type=Path,
-        default=_env("PROGRESS"),
+        default=_env(pod.PROGRESS),
         help="append progress events here, one JSON line each (tapestry_protocol.progress)",
+    )
+    p.add_argument(
+        "--verdict",
+        type=Path,
+        default=_env(pod.VERDICT),
+        help="on failure, rank 0 writes {exitCode, message} here (for tapestry_trainer.launch)",
     )
     return p
 
@@ -112,7 +127,9 @@ def _require(args: argparse.Namespace) -> None:
         if getattr(args, name) in (None, "")
     ]
     if missing:
-        raise ParticipantError(f"missing {', '.join(missing)} (or their TAPESTRY_* variables)")
+        raise ParticipantError(
+            f"missing {', '.join(missing)} (or their TAPESTRY_* variables)", ExitCode.USAGE
+        )
 
 
 class Fetched(NamedTuple):
@@ -134,7 +151,7 @@ def _fetch(args: argparse.Namespace) -> Fetched:
     try:
         signer = load_signing_key(args.name, args.key)
     except ValueError as e:
-        raise ParticipantError(str(e)) from None
+        raise ParticipantError(str(e), ExitCode.USAGE) from None
     try:
         store = open_store(args.store)
         layout = Layout(args.federation)
@@ -149,7 +166,9 @@ def _fetch(args: argparse.Namespace) -> Fetched:
     except Rejected as e:
         raise ParticipantError(f"refusing round {args.round}: {e}") from None
     except (StoreError, ValueError) as e:
-        raise ParticipantError(f"cannot read round {args.round} from {args.store}: {e}") from None
+        raise ParticipantError(
+            f"cannot read round {args.round} from {args.store}: {e}", ExitCode.CRASH
+        ) from None
     return Fetched(store, layout, plan, base, arrays, signer)
 
 
@@ -160,11 +179,15 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         try:
             fetched = _fetch(args)
         except ParticipantError as e:
-            failure = str(e)
+            if not ctx.distributed:
+                raise
+            failure = e
     # Rank 0 tells the others the plan, or that there is none, so nobody waits forever.
-    shared: list[Any] = [fetched.plan.document if fetched else failure]
+    shared: list[Any] = [fetched.plan.document if fetched else str(failure)]
     if ctx.distributed:
         dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
     plan: RoundPlan | str | None = shared[0]
     if not isinstance(plan, RoundPlan):
         raise ParticipantError(plan or "rank 0 could not read the round")
@@ -179,9 +202,9 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     try:
         options = json.loads(args.loader_options) if args.loader_options else {}
     except json.JSONDecodeError as e:
-        raise ParticipantError(f"--loader-options is not JSON: {e}") from None
+        raise ParticipantError(f"--loader-options is not JSON: {e}", ExitCode.USAGE) from None
     if not isinstance(options, dict):
-        raise ParticipantError("--loader-options must be a JSON object")
+        raise ParticipantError("--loader-options must be a JSON object", ExitCode.USAGE)
     loader = plugins.loader_for(args.data, config, ctx, factory=args.loader, options=options)
     progress = args.progress if ctx.is_main else None
 
@@ -234,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = init_distributed()
     except ParticipantError as e:
         print(f"tapestry participant: {e}", file=sys.stderr)
-        return 2
+        _verdict(args.verdict, e.code, str(e))
+        return int(e.code)
     try:
         summary = run(args, ctx)
         if summary is not None:
@@ -242,9 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except ParticipantError as e:
         print(f"tapestry participant {args.name}: {e}", file=sys.stderr, flush=True)
-        return 1
+        if ctx.is_main:
+            _verdict(args.verdict, e.code, str(e))
+        return int(e.code)
     finally:
         shutdown_distributed()
+
+
+def _verdict(path: Path | None, code: ExitCode, message: str) -> None:
+    """Why this run stopped, for the launcher that maps it to the pod's exit code."""
+    if path is not None:
+        atomic_write_text(path, json.dumps({"exitCode": int(code), "message": message[:4000]}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""The coordinator role: Federations and their FederationRounds.
+
+`reconcile_round` observes the store and the aggregator Job, asks the lifecycle for the
+next step, carries it out and returns the status to write. It blocks on store and API
+calls, so the daemons in `handlers` run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tapestry_lifecycle import coordinator as lifecycle
+from tapestry_lifecycle.coordinator import Action, RoundView
+from tapestry_lifecycle.states import MemberState, Reason, RoundPhase
+from tapestry_operator import api, builders
+from tapestry_operator.conditions import Health, conditions
+from tapestry_operator.config import FederationConfig, RoundConfig
+from tapestry_operator.kube import Kube, SecretMissing
+from tapestry_operator.stores import store_for
+from tapestry_protocol import rejections
+from tapestry_protocol.documents import ModelManifest, Outcome
+from tapestry_protocol.exchange import (
+    COORDINATOR,
+    Verified,
+    close_round,
+    make_plan,
+    publish_plan,
+    read_model,
+    read_plan,
+    read_result,
+)
+from tapestry_protocol.layout import Layout
+from tapestry_protocol.rejections import Rejected
+from tapestry_protocol.signing import SigningKey, load_signing_key
+from tapestry_protocol.store import ObjectExists, ObjectStore
+
+log = logging.getLogger(__name__)
+POLL = timedelta(seconds=5)
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@dataclass
+class Visit:
+    """What one reconcile decided: the status to write, events, when to look again."""
+
+    status: dict[str, Any]
+    after: float
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # type, reason, message
+
+
+def _signer(kube: Kube, federation: FederationConfig) -> SigningKey:
+    pem = kube.secret_entry(federation.namespace, federation.signing_key.name, "signing.key")
+    return load_signing_key(COORDINATOR, pem)
+
+
+def round_base(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> Verified[ModelManifest] | None:
+    """The base round r trains from, or None while it is not known yet.
+
+    Round 0 trains from `bases/0`. Round r from round r-1's next base when r-1
+    succeeded, and from r-1's own base when it failed, so one failed round does not stop
+    a federation."""
+    if round_number == 0:
+        if not store.exists(layout.base_manifest(0)):
+            return None
+        return read_model(store, layout, layout.base_manifest(0), coordinator_key)
+    previous = round_number - 1
+    if not store.exists(layout.result(previous)):
+        return None
+    result = read_result(store, layout, previous, coordinator_key).document
+    if result.outcome == Outcome.SUCCEEDED and result.next_base is not None:
+        ref = result.next_base
+    else:
+        ref = read_plan(store, layout, previous, coordinator_key).document.base
+    return read_model(store, layout, ref.manifest, coordinator_key, expected_sha256=ref.sha256)
+
+
+def duplicate_of(kube: Kube, config: RoundConfig) -> str | None:
+    """The older FederationRound of the same federation and round number, if any: the
+    first one applied owns the round and later ones are refused."""
+    mine = None
+    rivals = []
+    for other in kube.list_custom(config.namespace, api.ROUNDS):
+        spec, meta = other.get("spec", {}), other["metadata"]
+        if spec.get("federation") == config.federation and spec.get("round") == config.round:
+            entry = (meta.get("creationTimestamp", ""), meta["name"])
+            rivals.append(entry)
+            if meta["name"] == config.name:
+                mine = entry
+    rivals.sort()
+    if mine is None or not rivals or rivals[0] == mine:
+        return None
+    return str(rivals[0][1])
+
+
+def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
+    """One visit of a FederationRound."""
+    config = RoundConfig.from_body(body)
+    previous = body.get("status", {})
+
+    def status(health: Health, **fields: Any) -> dict[str, Any]:
+        return {
+            "observedGeneration": config.generation,
+            "conditions": conditions(previous.get("conditions"), health, config.generation, now),
+            **fields,
+        }
+
+    fed_body = kube.get_custom(config.namespace, api.FEDERATIONS, config.federation)
+    if fed_body is None:
+        message = f"Federation {config.federation!r} does not exist in {config.namespace}"
+        health = Health.working(Reason.WAITING_FOR_BASE, message)
+        return Visit(status(health, phase=RoundPhase.PENDING), 10.0)
+    rival = duplicate_of(kube, config)
+    if rival is not None:
+        message = f"round {config.round} of {config.federation} is owned by FederationRound {rival}"
+        return Visit(
+            status(Health.failed(Reason.DUPLICATE_ROUND, message), phase=RoundPhase.FAILED),
+            60.0,
+            [("Warning", Reason.DUPLICATE_ROUND, message)],
+        )
+    federation = FederationConfig.from_body(fed_body)
+    quorum = config.quorum or federation.quorum
+    if quorum > len(federation.members):
+        message = f"quorum {quorum} is more than the {len(federation.members)} members"
+        return Visit(
+            status(Health.failed(Reason.INVALID_SPEC, message), phase=RoundPhase.FAILED), 60.0
+        )
+    try:
+        signer = _signer(kube, federation)
+        store = store_for(kube, federation.namespace, federation.store)
+    except (SecretMissing, ValueError) as e:
+        health = Health.working(Reason.INVALID_SPEC, str(e))
+        return Visit(status(health, phase=RoundPhase.PENDING), 15.0)
+    layout = federation.layout
+    key = signer.public_key_text
+    job_name = builders.aggregator_job_name(federation.name, config.round)
+    events: list[tuple[str, str, str]] = []
+    for _ in range(4):  # act, then look again at once, a few times per visit
+        job = kube.job_status(config.namespace, job_name)
+        view = lifecycle.observe_round(
+            store, layout, config.round, key, now, job.state, job.message
+        )
+        base = None if view.plan else round_base(store, layout, config.round, key)
+        step = lifecycle.decide(
+            view, suspended=config.suspend, base_ready=view.plan is not None or base is not None,
+            poll=POLL,
+        )  # fmt: skip
+        if step.action == Action.PUBLISH_PLAN and base is not None:
+            plan = make_plan(
+                layout, config.round, base,
+                model=base.document.model,
+                hyperparameters=config.hyperparameters(federation),
+                participants=federation.members,
+                min_participants=quorum,
+                deadline=(now + (config.deadline or federation.deadline)).strftime(RFC3339),
+                encoding=config.encoding or federation.encoding,
+            )  # fmt: skip
+            try:
+                publish_plan(store, layout, plan, signer)
+                events.append(("Normal", Reason.PLAN_PUBLISHED, f"plan for round {config.round}"))
+            except ObjectExists:
+                pass  # published before (a restart): the stored plan stands
+            continue
+        if step.action == Action.CLOSE and view.plan is not None and step.trigger is not None:
+            close_round(store, layout, view.plan, signer, step.trigger, now)
+            events.append(("Normal", Reason.CLOSED, f"round closed: {step.message}"))
+            continue
+        if step.action == Action.AGGREGATE:
+            if kube.create(builders.build_aggregator_job(federation, config, body)):
+                events.append(("Normal", Reason.AGGREGATING, f"started Job {job_name}"))
+            continue
+        break
+    return Visit(
+        status(_health(step), **round_fields(view, step.phase)),
+        step.recheck_after.total_seconds() if step.recheck_after else 30.0,
+        events,
+    )
+
+
+def _health(step: lifecycle.Step) -> Health:
+    if step.action == Action.DONE:
+        return Health.done(step.reason, step.message)
+    if step.action == Action.STALLED:
+        return Health.failed(step.reason, step.message)
+    if step.phase == RoundPhase.SUSPENDED:
+        return Health.idle(step.reason, step.message)
+    return Health.working(step.reason, step.message)
+
+
+def round_fields(view: RoundView, phase: RoundPhase) -> dict[str, Any]:
+    """The round's status fields besides conditions: members, progress, result."""
+    fields: dict[str, Any] = {"phase": str(phase)}
+    if view.plan is None:
+        return fields
+    plan = view.plan.document
+    states = lifecycle.member_states(view)
+    contributions = {a.participant: a for a in view.result.document.accepted} if view.result else {}
+    refusals = {r.participant: r for r in view.result.document.rejected} if view.result else {}
+    excluded = {e.participant: e for e in view.close.document.excluded} if view.close else {}
+    members = []
+    for name in plan.names:
+        row: dict[str, Any] = {"name": name, "state": str(states[name])}
+        if name in contributions:
+            c = contributions[name]
+            row.update(tokens=c.tokens, weight=c.weight)
+            loss = c.metrics.get("trainLoss")
+            if isinstance(loss, int | float):
+                row["trainLoss"] = float(loss)
+        elif name in refusals:
+            row.update(reason=refusals[name].reason, message=refusals[name].message[:1024])
+        elif name in excluded:
+            row.update(reason=excluded[name].reason, message=excluded[name].message[:1024])
+        members.append(row)
+    reported = sum(1 for s in states.values() if s in _REPORTED)
+    fields.update(
+        planSha256=view.plan.sha256,
+        deadline=plan.deadline,
+        expected=len(plan.names),
+        reported=reported,
+        progress=f"{reported}/{len(plan.names)}",
+        members=members,
+    )
+    if view.result is not None:
+        result = view.result.document
+        summary: dict[str, Any] = {"outcome": str(result.outcome), "message": result.message}
+        if result.next_base is not None:
+            summary["nextBase"] = {
+                "manifest": result.next_base.manifest,
+                "sha256": result.next_base.sha256,
+            }
+        loss = result.metrics.get("trainLoss")
+        if isinstance(loss, int | float):
+            summary["trainLoss"] = float(loss)
+        tokens = result.metrics.get("tokens")
+        if isinstance(tokens, int | float):
+            summary["tokens"] = int(tokens)
+        fields["result"] = summary
+    return fields
+
+
+_REPORTED = {MemberState.UPLOADED, MemberState.MERGED, MemberState.REJECTED}
+
+
+def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
+    """One visit of a Federation: publish round 0's base (bootstrap Job) and report."""
+    federation = FederationConfig.from_body(body)
+    previous = body.get("status", {})
+
+    def status(health: Health, **fields: Any) -> dict[str, Any]:
+        return {
+            "observedGeneration": federation.generation,
+            "conditions": conditions(
+                previous.get("conditions"), health, federation.generation, now
+            ),
+            "members": len(federation.members),
+            **fields,
+        }
+
+    try:
+        signer = _signer(kube, federation)
+        store = store_for(kube, federation.namespace, federation.store)
+    except (SecretMissing, ValueError) as e:
+        return Visit(status(Health.working(Reason.INVALID_SPEC, str(e))), 15.0)
+    layout = federation.layout
+    key = signer.public_key_text
+    events: list[tuple[str, str, str]] = []
+    if not store.exists(layout.base_manifest(0)):
+        job_name = builders.bootstrap_job_name(federation.name)
+        job = kube.job_status(federation.namespace, job_name)
+        if job.state.value == "Failed":
+            message = f"Job {job_name} could not publish round 0's base: {job.message}"
+            return Visit(status(Health.failed(Reason.WAITING_FOR_BASE, message)), 60.0)
+        if kube.create(builders.build_bootstrap_job(federation, body)):
+            events.append(("Normal", Reason.WAITING_FOR_BASE, f"started Job {job_name}"))
+        message = f"publishing round 0's base from preset {federation.preset}"
+        return Visit(status(Health.working(Reason.WAITING_FOR_BASE, message)), 5.0, events)
+    try:
+        base = read_model(store, layout, layout.base_manifest(0), key)
+    except Rejected as e:
+        message = f"round 0's base does not verify with the coordinator key: {e}"
+        return Visit(status(Health.failed(Reason.INVALID_SPEC, message)), 60.0)
+    latest, succeeded, newest = _history(store, layout, key)
+    fields: dict[str, Any] = {"roundsSucceeded": succeeded}
+    if latest is not None:
+        fields["latestRound"] = latest
+    ref = newest or base.ref
+    fields["base"] = {"manifest": ref.manifest, "sha256": ref.sha256}
+    return Visit(status(Health.done(Reason.SUCCEEDED, "base published"), **fields), 30.0, events)
+
+
+def _history(store: ObjectStore, layout: Layout, key: str) -> tuple[int | None, int, Any]:
+    """The newest round with a result, how many succeeded, and the newest base."""
+    latest, succeeded, newest = None, 0, None
+    r = 0
+    while store.exists(layout.plan(r)):
+        if store.exists(layout.result(r)):
+            try:
+                result = read_result(store, layout, r, key).document
+            except Rejected as e:
+                if e.reason != rejections.MISSING_MANIFEST:
+                    raise
+                break
+            latest = r
+            if result.outcome == Outcome.SUCCEEDED:
+                succeeded += 1
+                newest = result.next_base
+        r += 1
+    return latest, succeeded, newest
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

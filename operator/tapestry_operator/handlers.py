@@ -1,0 +1,119 @@
+"""Kopf wiring: one daemon per object, running the role's reconcile in a worker thread.
+
+A daemon loops observe → decide → act → write status, then sleeps until the lifecycle
+wants another look (or the spec changes). Store and API calls block for seconds in
+retries, so they never run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from tapestry_operator import api
+from tapestry_operator.coordinator import Visit, reconcile_federation, reconcile_round
+from tapestry_operator.kube import Kube
+from tapestry_operator.participant import reconcile_participant
+from tapestry_protocol.store import StoreError
+
+log = logging.getLogger(__name__)
+Reconcile = Callable[[Kube, dict[str, Any], datetime], Visit]
+ERROR_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+ROLES = ("coordinator", "participant", "both")
+
+
+class Metrics:
+    """Counters the operator exposes (reconcile errors by resource)."""
+
+    errors: dict[str, int] = {}  # noqa: RUF012 - one process-wide table
+
+
+async def _run(
+    reconcile: Reconcile,
+    plural: str,
+    kube: Kube,
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    failures = 0
+    generation = None
+    while not stopped:
+        snapshot = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status")
+                    if k in body}  # fmt: skip
+        meta = snapshot["metadata"]
+        try:
+            visit = await asyncio.to_thread(reconcile, kube, snapshot, datetime.now(UTC))
+            await asyncio.to_thread(
+                kube.patch_status, meta["namespace"], plural, meta["name"], visit.status
+            )
+            for kind, reason, message in visit.events:
+                kopf.event(body, type=kind, reason=reason, message=message)
+            failures, delay = 0, visit.after
+        except StoreError as e:
+            failures += 1
+            delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
+            logger.warning("store unavailable, retrying in %.0fs: %s", delay, e)
+            Metrics.errors[plural] = Metrics.errors.get(plural, 0) + 1
+        except Exception:
+            failures += 1
+            delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
+            logger.exception("reconcile failed, retrying in %.0fs", delay)
+            Metrics.errors[plural] = Metrics.errors.get(plural, 0) + 1
+        generation = meta.get("generation")
+        # Sleep until the lifecycle wants another look, or the spec changes.
+        waited = 0.0
+        while not stopped and waited < delay:
+            await stopped.wait(min(1.0, delay - waited))
+            waited += 1.0
+            if body.get("metadata", {}).get("generation") != generation:
+                break
+
+
+def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
+    """Register the daemons of `role` (coordinator, participant or both)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+
+    def daemon(plural: str, reconcile: Reconcile) -> None:
+        @kopf.daemon(
+            api.GROUP, api.VERSION, plural, registry=registry, id=f"tapestry-{plural}",
+            cancellation_timeout=10.0,
+        )  # fmt: skip
+        async def run(
+            *,
+            stopped: kopf.DaemonStopped,
+            body: kopf.Body,
+            logger: logging.Logger | logging.LoggerAdapter[Any],
+            **_: Any,
+        ) -> None:
+            await _run(reconcile, plural, kube, stopped, body, logger)
+
+    if role in ("coordinator", "both"):
+        daemon(api.FEDERATIONS, reconcile_federation)
+        daemon(api.ROUNDS, reconcile_round)
+    if role in ("participant", "both"):
+        daemon(api.PARTICIPANTS, reconcile_participant)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Names under our API group; watch timeouts so a silent load balancer cannot
+    freeze the watch; events for our own reasons only."""
+    settings.persistence.finalizer = api.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=api.ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.posting.level = logging.WARNING  # no event per log line; ours are explicit
+    settings.execution.max_workers = 16

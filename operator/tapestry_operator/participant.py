@@ -1,0 +1,191 @@
+"""The participant role: one member's operator, in its own cluster, dialling out only
+to the store.
+
+It finds the rounds whose plans name it, verifies each plan and base, applies its
+admission policy, writes its signed receipts, runs the round's training as an Indexed
+Job with a headless Service, reports failures, and records the coordinator's verdict.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from tapestry_lifecycle import participant as lifecycle
+from tapestry_lifecycle.participant import Admission, Approval, Do, PlanView
+from tapestry_lifecycle.states import MemberState, Reason
+from tapestry_operator import api, builders
+from tapestry_operator.conditions import Health, conditions
+from tapestry_operator.config import ParticipantConfig
+from tapestry_operator.coordinator import Visit
+from tapestry_operator.kube import Kube, SecretMissing
+from tapestry_operator.stores import store_for
+from tapestry_protocol.documents import ReceiptState
+from tapestry_protocol.signing import SigningKey, load_signing_key
+from tapestry_protocol.store import ObjectStore
+
+_FINISHED = {Do.DONE, Do.IGNORE}
+
+
+def _approval(config: ParticipantConfig, round_number: int) -> Approval:
+    if round_number in config.denied:
+        return Approval.DENIED
+    if round_number in config.approved:
+        return Approval.APPROVED
+    return Approval.PENDING
+
+
+def _observe(
+    kube: Kube, store: ObjectStore, config: ParticipantConfig, round_number: int, now: datetime
+) -> PlanView:
+    job = kube.job_status(config.namespace, builders.training_job_name(config.name, round_number))
+    return lifecycle.observe_plan(
+        store, config.layout, round_number, config.member, config.coordinator_key, now,
+        training=job.state, training_message=job.message,
+        approval=_approval(config, round_number),
+    )  # fmt: skip
+
+
+def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
+    """One visit of a Participant: the current round's next step, and the status."""
+    config = ParticipantConfig.from_body(body)
+    previous = body.get("status", {})
+    poll = config.poll.total_seconds()
+
+    def status(health: Health, **fields: Any) -> dict[str, Any]:
+        return {
+            "observedGeneration": config.generation,
+            "conditions": conditions(previous.get("conditions"), health, config.generation, now),
+            **fields,
+        }
+
+    try:
+        pem = kube.secret_entry(config.namespace, config.signing_key.name, "signing.key")
+        signer = load_signing_key(config.member, pem)
+        store = store_for(kube, config.namespace, config.store)
+    except (SecretMissing, ValueError) as e:
+        return Visit(status(Health.working(Reason.INVALID_SPEC, str(e))), poll)
+    history = {r["round"]: r for r in previous.get("rounds", [])}
+    round_number = int(previous.get("currentRound", 0))
+    events: list[tuple[str, str, str]] = []
+    view = _observe(kube, store, config, round_number, now)
+    step = lifecycle.decide(view, _admission(config))
+    # Move on while this round is settled and the store has a plan for the next one.
+    while step.do in _FINISHED and store.exists(config.layout.plan(round_number + 1)):
+        _remember(history, round_number, step)
+        round_number += 1
+        view = _observe(kube, store, config, round_number, now)
+        step = lifecycle.decide(view, _admission(config))
+    for _ in range(3):  # act, then look again at once
+        acted = _act(kube, store, config, signer, body, view, step, events)
+        if not acted:
+            break
+        view = _observe(kube, store, config, round_number, now)
+        step = lifecycle.decide(view, _admission(config))
+    if view.plan is not None:
+        _remember(history, round_number, step)
+    _clean_history(kube, config, round_number)
+    fields: dict[str, Any] = {
+        "currentRound": round_number,
+        "state": str(step.state),
+        "job": builders.training_job_name(config.name, round_number)
+        if step.state == MemberState.TRAINING
+        else "",
+        "rounds": [history[r] for r in sorted(history)][-max(1, config.history_limit) :],
+    }
+    if step.do == Do.AWAIT_APPROVAL and view.plan is not None:
+        plan = view.plan.document
+        fields["awaitingApproval"] = {
+            "round": plan.round,
+            "baseSha256": plan.base.sha256,
+            "hyperparameters": plan.hyperparameters,
+            "deadline": plan.deadline,
+        }
+    else:
+        fields["awaitingApproval"] = None
+    return Visit(status(_health(step), **fields), poll, events)
+
+
+def _admission(config: ParticipantConfig) -> Admission:
+    return Admission.MANUAL if config.manual else Admission.AUTOMATIC
+
+
+def _act(
+    kube: Kube,
+    store: ObjectStore,
+    config: ParticipantConfig,
+    signer: SigningKey,
+    body: dict[str, Any],
+    view: PlanView,
+    step: lifecycle.Next,
+    events: list[tuple[str, str, str]],
+) -> bool:
+    """Carry out one step; True when it changed something worth looking at again."""
+    from tapestry_protocol.exchange import publish_receipt
+
+    plan = view.plan
+    if plan is None:
+        return False
+    round_number = plan.document.round
+    if step.do == Do.DECLINE:
+        publish_receipt(
+            store, config.layout, plan, signer, ReceiptState.DECLINED, str(step.reason),
+            step.message,
+        )  # fmt: skip
+        events.append(("Warning", step.reason, f"declined round {round_number}: {step.message}"))
+        return True
+    if step.do == Do.ACCEPT:
+        publish_receipt(
+            store, config.layout, plan, signer, ReceiptState.ACCEPTED, str(step.reason), "admitted"
+        )
+        events.append(("Normal", Reason.ADMITTED, f"accepted round {round_number}"))
+        return True
+    if step.do == Do.TRAIN:
+        service = builders.build_rendezvous_service(config, round_number, body)
+        job = builders.build_training_job(config, round_number, body, plan.document.traceparent)
+        kube.create(service)
+        if kube.create(job):
+            events.append(("Normal", Reason.TRAINING, f"started Job {job['metadata']['name']}"))
+        return True
+    if step.do == Do.REPORT_FAILED:
+        publish_receipt(
+            store, config.layout, plan, signer, ReceiptState.FAILED, str(step.reason), step.message
+        )
+        events.append(("Warning", Reason.TRAINING_FAILED, f"round {round_number}: {step.message}"))
+        return True
+    if step.do == Do.AWAIT_APPROVAL and view.approval == Approval.PENDING:
+        events.append(("Normal", Reason.AWAITING_APPROVAL, step.message))
+    return False
+
+
+def _remember(history: dict[int, dict[str, Any]], round_number: int, step: lifecycle.Next) -> None:
+    row: dict[str, Any] = {
+        "round": round_number,
+        "state": str(step.state),
+        "reason": str(step.reason),
+        "message": step.message[:1024],
+    }
+    if step.weight is not None:
+        row["weight"] = step.weight
+    history[round_number] = row
+
+
+def _clean_history(kube: Kube, config: ParticipantConfig, current: int) -> None:
+    """Delete the Jobs (and Services) of rounds older than the history limit."""
+    selector = f"{api.LABEL_PARTICIPANT}={config.member},{api.LABEL_COMPONENT}=trainer"
+    for job in kube.jobs(config.namespace, selector):
+        labels = job.metadata.labels or {}
+        try:
+            r = int(labels.get(api.LABEL_ROUND, ""))
+        except ValueError:
+            continue
+        if r < current - config.history_limit + 1 and r != current:
+            kube.delete_job(config.namespace, job.metadata.name)
+
+
+def _health(step: lifecycle.Next) -> Health:
+    if step.do == Do.AWAIT_APPROVAL:
+        return Health.idle(step.reason, step.message)
+    if step.do in (Do.DONE, Do.IGNORE):
+        return Health.done(step.reason, step.message)
+    return Health.working(step.reason, step.message)
