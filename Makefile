@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup testbin test test-fast demo bench lint fmt clean
+.PHONY: setup testbin test test-fast fuzz demo bench lint fmt clean
 
 ## setup: virtualenv with the project (editable) and every dev/test dependency
 setup: $(STAMP)
@@ -24,9 +24,13 @@ testbin:
 test: setup testbin
 	$(PY) -m pytest
 
-## test-fast: unit and filesystem tests only (no servers)
+## test-fast: every test that needs no server and no network (torch tests included)
 test-fast: setup
-	$(PY) -m pytest -m "not s3 and not kube"
+	$(PY) -m pytest -m "not s3 and not kube and not network"
+
+## fuzz: the property-based tests with a long budget (many more examples per property)
+fuzz: setup
+	TAPESTRY_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/protocol/test_reader_fuzz.py tests/aggregator/test_fuzz_round.py
 
 ## demo: a 3-participant federation on this machine, ending in the evaluation table
 demo: setup

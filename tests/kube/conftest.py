@@ -1,10 +1,11 @@
 """Fixtures: one real control plane per test session, a fresh namespace per test.
 
-The binaries are built (or found in the cache) right after collection when any
-collected test is marked `kube`, so a cold build does not count against a
-test's pytest-timeout. TAPESTRY_SKIP_KUBE=1 skips these tests instead of
-building; without it a failed build fails them. TAPESTRY_KUBE_KEEP=1 keeps the
-cluster's working directory (logs, certs, pod files) after the session.
+The binaries are built (or found in the cache) when the tests start running and
+any selected test is marked `kube`, so a cold build does not count against a
+test's pytest-timeout; collecting (`pytest --collect-only`) builds nothing.
+TAPESTRY_SKIP_KUBE=1 skips these tests instead of building; without it a failed
+build fails them. TAPESTRY_KUBE_KEEP=1 keeps the cluster's working directory
+(logs, certs, pod files) after the session.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ def _build(config: pytest.Config) -> Path | ClusterError:
         return err
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Builds once collection (and -k/-m deselection) is over, if a kube test is left."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """Builds before the first test runs, if a kube test is left after -k/-m deselection.
+
+    Not during collection: `pytest --collect-only` (and a run with no kube test left)
+    builds nothing."""
     config = session.config
-    if _skip() or _BINARIES in config.stash:
+    if config.option.collectonly or _skip() or _BINARIES in config.stash:
         return
     if any(item.get_closest_marker("kube") for item in session.items):
         config.stash[_BINARIES] = _build(config)

@@ -49,6 +49,7 @@ def test_keys_and_rounds_commands_work_without_torch(tmp_path: Path) -> None:
     assert done.stdout.startswith("ed25519:")
 
 
+@pytest.mark.torch  # the trainer itself needs torch
 def test_trainer_imports_without_kopf() -> None:
     done = _run_without(["kopf"], "import tapestry_trainer.participant, tapestry_trainer.inner")
     assert done.returncode == 0, done.stderr

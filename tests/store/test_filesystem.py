@@ -3,9 +3,11 @@ shape S3 allows but a directory tree cannot hold."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from tapestry_protocol.store import (
     FilesystemStore,
     ObjectExists,
     StoreError,
+    filesystem,
 )
 
 
@@ -73,11 +76,24 @@ def test_missing_root_is_a_configuration_error(tmp_path: Path) -> None:
         FilesystemStore(tmp_path / "nowhere")
 
 
-def test_permission_denied_is_access_denied(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root bypasses file permissions")
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM])
+def test_permission_denied_is_access_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The operating system's refusal is injected where the store opens the file: a
+    chmod cannot make it (root, and so many CI containers, reads mode 000 files)."""
     store = FilesystemStore(tmp_path, create=True)
     store.put("locked/k", b"x")
-    (tmp_path / "locked/k").chmod(0)
+    real_open = open
+
+    def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file) == tmp_path / "locked/k":
+            raise PermissionError(code, os.strerror(code), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "open", refusing_open, raising=False)
     with pytest.raises(AccessDenied, match="locked/k"):
         store.get("locked/k")
+    with pytest.raises(AccessDenied, match="locked/k"):
+        store.get_file("locked/k", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

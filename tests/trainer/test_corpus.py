@@ -14,8 +14,6 @@ import pytest
 
 from tapestry_trainer.corpus import PACKAGES, clean_fortunes, prepare_demo_corpus
 
-pytestmark = pytest.mark.torch
-
 # Frequent short words: a folder in the wrong language would lack them.
 MARKERS = {
     "en": (" the ", " and "),
@@ -32,6 +30,7 @@ def test_clean_fortunes() -> None:
     assert clean_fortunes(b"%\n%\n") == ""
 
 
+@pytest.mark.network  # apt-get download, unless ~/.cache/tapestry/corpus has the packages
 @pytest.mark.skipif(
     not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
     reason="the demo corpus comes from Debian packages",

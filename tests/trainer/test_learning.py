@@ -20,6 +20,7 @@ pytestmark = pytest.mark.torch
 
 
 @pytest.mark.slow
+@pytest.mark.network  # the demo corpus: apt-get download, unless cached
 @pytest.mark.skipif(
     not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
     reason="the demo corpus comes from Debian packages",

@@ -13,8 +13,6 @@ import pytest
 
 from tapestry_trainer.specs import PRESETS, GPTConfig, InnerConfig, ModelSpec, SpecError
 
-pytestmark = pytest.mark.torch
-
 PLAN_SCHEMA = (
     Path(__file__).resolve().parents[2] / "protocol/tapestry_protocol/schemas/round-plan.v1.json"
 )
@@ -28,11 +26,13 @@ def _built_count(config: GPTConfig) -> int:
         return sum(p.numel() for p in GPT(config).parameters())
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_param_count_is_exact(name: str) -> None:
     assert PRESETS[name].param_count() == _built_count(PRESETS[name])
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "variant",
     [
