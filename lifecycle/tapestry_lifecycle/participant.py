@@ -121,14 +121,13 @@ def _admit(view: PlanView, plan: RoundPlan, admission: Admission) -> Next:
             Do.DECLINE, MemberState.DECLINED, Reason.DEADLINE_PASSED,
             f"the deadline {plan.deadline} passed before training could start",
         )  # fmt: skip
-    if admission == Admission.MANUAL:
-        if view.approval == Approval.DENIED:
-            return Next(Do.DECLINE, MemberState.DECLINED, Reason.APPROVAL_DENIED, "approval denied")
-        if view.approval == Approval.PENDING:
-            return Next(
-                Do.AWAIT_APPROVAL, MemberState.PLANNED, Reason.AWAITING_APPROVAL,
-                f"round {plan.round} waits for approval",
-            )  # fmt: skip
+    if view.approval == Approval.DENIED:  # a denied round is refused in either mode
+        return Next(Do.DECLINE, MemberState.DECLINED, Reason.APPROVAL_DENIED, "approval denied")
+    if admission == Admission.MANUAL and view.approval == Approval.PENDING:
+        return Next(
+            Do.AWAIT_APPROVAL, MemberState.PLANNED, Reason.AWAITING_APPROVAL,
+            f"round {plan.round} waits for approval",
+        )  # fmt: skip
     return Next(Do.ACCEPT, MemberState.ACCEPTED, Reason.ADMITTED, "admitted")
 
 
