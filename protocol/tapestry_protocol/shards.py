@@ -24,11 +24,25 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tapestry_protocol import jsonsafe
+
 ENCODINGS = ("fp32", "bf16", "int8")
 INT8_BLOCK = 256
 SCALE_SUFFIX = ":scale"
 DEFAULT_SHARD_BYTES = 64 << 20
-MAX_HEADER_BYTES = 64 << 20
+# A header entry takes about 80 bytes, so 16 MiB describes some 200,000 tensors, far more
+# than any model has in one shard; it bounds what a hostile header costs to parse (its
+# Python objects take several times its bytes) and stays under safetensors' own 100 MB.
+MAX_HEADER_BYTES = 16 << 20
+# The smallest NPY_MAXDIMS of the NumPy versions supported (1.x allows 32, 2.x 64).
+MAX_RANK = 32
+# No tensor, even an empty one such as shape [0, 2**62], may span more than 256 TiB, so
+# NumPy can always represent the shape.
+MAX_TENSOR_EXTENT = 1 << 48
+METADATA_KEY = "__metadata__"
+# {"name": {"shape": [...]}}: a header nests three levels deep, never more.
+_HEADER_DEPTH = 3
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"),
@@ -104,61 +118,145 @@ def encode_safetensors(
 
 
 def decode_safetensors(data: bytes | memoryview) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Parse safetensors bytes into zero-copy NumPy views; reject anything irregular."""
-    view = memoryview(data)
+    """Parse safetensors bytes into zero-copy NumPy views; reject anything irregular.
+
+    Total: for any bytes it returns tensors that match the header exactly, or raises
+    `ShardFormatError`. A shard's hash and signature only prove who sent it, so every
+    number in the header is checked before it sizes an allocation or a view.
+    """
+    view = memoryview(data).cast("B")
     if len(view) < 8:
         raise ShardFormatError("file is shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", view[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(view) - 8):
-        raise ShardFormatError(f"header length {header_len} exceeds the file")
+    if header_len > MAX_HEADER_BYTES:
+        raise ShardFormatError(
+            f"header length {header_len} is more than the limit of {MAX_HEADER_BYTES}"
+        )
+    if header_len > len(view) - 8:
+        raise ShardFormatError(f"header length {header_len} exceeds the file ({len(view)} bytes)")
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardFormatError(f"header is not JSON: {e}") from None
+        header = jsonsafe.loads(
+            view[8 : 8 + header_len],
+            max_bytes=MAX_HEADER_BYTES,
+            max_depth=_HEADER_DEPTH,
+            what="header",
+        )
+    except jsonsafe.JSONRejected as e:
+        raise ShardFormatError(str(e)) from None
     if not isinstance(header, dict):
         raise ShardFormatError("header is not a JSON object")
-    metadata = header.pop("__metadata__", {}) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise ShardFormatError("__metadata__ must map strings to strings")
+    metadata = _metadata(header.pop(METADATA_KEY, {}))
     body = view[8 + header_len :]
-    entries = sorted(header.items(), key=lambda item: _offsets(item[0], item[1])[0])
-    tensors: dict[str, Tensor] = {}
+    entries = [_entry(name, info, len(body)) for name, info in header.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
     expected_start = 0
-    for name, info in entries:
-        start, end = _offsets(name, info)
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        if dtype not in _NUMPY_DTYPES:
-            raise ShardFormatError(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ShardFormatError(f"tensor {name!r} has an invalid shape {shape!r}")
-        np_dtype = _NUMPY_DTYPES[dtype]
-        if start != expected_start:
-            raise ShardFormatError(f"tensor {name!r} data is not contiguous with the previous")
-        if end - start != int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize:
-            raise ShardFormatError(f"tensor {name!r} byte length does not match its shape")
-        expected_start = end
-        array = np.frombuffer(body[start:end], dtype=np_dtype).reshape(shape)
-        tensors[name] = Tensor(dtype, array)
+    for entry in entries:
+        if entry.start != expected_start:
+            relation = "overlaps" if entry.start < expected_start else "leaves a gap after"
+            raise ShardFormatError(
+                f"tensor {_brief(entry.name)} data (bytes {entry.start}..{entry.end}) {relation} "
+                f"the previous tensor, which ends at byte {expected_start}"
+            )
+        expected_start = entry.end
     if expected_start != len(body):
         raise ShardFormatError(f"{len(body) - expected_start} trailing bytes after the last tensor")
+    tensors: dict[str, Tensor] = {}
+    for entry in sorted(entries, key=lambda e: e.name):
+        np_dtype = _NUMPY_DTYPES[entry.dtype]
+        array = np.frombuffer(body[entry.start : entry.end], dtype=np_dtype)
+        if entry.dtype == "BOOL" and array.size and array.view(np.uint8).max() > 1:
+            raise ShardFormatError(
+                f"tensor {_brief(entry.name)} is BOOL but holds bytes other than 0, 1"
+            )
+        tensors[entry.name] = Tensor(entry.dtype, array.reshape(entry.shape))
     return tensors, metadata
 
 
-def _offsets(name: str, info: Any) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer: Python's bool is an int subclass, but `true` is not a number."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _metadata(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ShardFormatError(f"{METADATA_KEY} must be an object, not {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ShardFormatError(
+                f"{METADATA_KEY} must map strings to strings; {_brief(key)} maps to {_brief(item)}"
+            )
+    return value
+
+
+def _entry(name: str, info: object, body_len: int) -> _Entry:
+    """One header entry, checked in full against the body's length."""
+    if not name:
+        raise ShardFormatError("a tensor has an empty name")
     if not isinstance(info, dict):
-        raise ShardFormatError(f"tensor {name!r} entry is not an object")
-    offsets = info.get("data_offsets")
+        raise ShardFormatError(f"tensor {_brief(name)} entry is not an object: {_brief(info)}")
+    if set(info) != _ENTRY_KEYS:
+        missing = sorted(_ENTRY_KEYS - set(info))
+        extra = sorted(set(info) - _ENTRY_KEYS)
+        raise ShardFormatError(
+            f"tensor {_brief(name)} entry must have exactly the keys dtype, shape, data_offsets "
+            f"(missing {missing}, unexpected {[k[:40] for k in extra[:3]]})"
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _NUMPY_DTYPES:
+        raise ShardFormatError(
+            f"tensor {_brief(name)} has unsupported dtype {_brief(dtype)}; "
+            f"use one of {', '.join(_NUMPY_DTYPES)}"
+        )
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ShardFormatError(
+            f"tensor {_brief(name)} has an invalid shape {_brief(shape)}: "
+            "it must be a list of integers >= 0"
+        )
+    if len(shape) > MAX_RANK:
+        raise ShardFormatError(
+            f"tensor {_brief(name)} has rank {len(shape)}, more than the limit of {MAX_RANK}"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= body_len
     ):
-        raise ShardFormatError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    return offsets[0], offsets[1]
+        raise ShardFormatError(
+            f"tensor {_brief(name)} has invalid data_offsets {_brief(offsets)}: they must be two "
+            f"integers with 0 <= start <= end <= {body_len}, the length of the data"
+        )
+    itemsize = _NUMPY_DTYPES[dtype].itemsize
+    # Python ints cannot overflow; the extent (zero dimensions counted as one) bounds what
+    # NumPy must represent even for an empty tensor, e.g. shape [0, 2**62].
+    count = extent = 1
+    for d in shape:
+        count *= d
+        extent *= max(d, 1)
+    if extent * itemsize > MAX_TENSOR_EXTENT:
+        raise ShardFormatError(f"tensor {_brief(name)} shape {_brief(shape)} is impossibly large")
+    start, end = offsets
+    if end - start != count * itemsize:
+        raise ShardFormatError(
+            f"tensor {_brief(name)} byte length {end - start} does not match its shape "
+            f"{_brief(shape)} of {dtype} ({count * itemsize} bytes)"
+        )
+    return _Entry(name, dtype, tuple(shape), start, end)
+
+
+def _brief(value: object) -> str:
+    """A bounded repr for messages: hostile headers can hold megabytes in one value."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --- float conversions -------------------------------------------------------------
@@ -206,29 +304,44 @@ def encode_delta(name: str, delta: FloatArray, encoding: str) -> dict[str, Tenso
 
 
 def decode_delta(stored: Mapping[str, Tensor], name: str, encoding: str) -> FloatArray:
-    """Reconstruct the float32 delta `name` from its stored tensors."""
-    tensor = stored[name]
+    """Reconstruct the float32 delta `name` from its stored tensors.
+
+    Every inconsistency between the tensors and the encoding is a `ShardFormatError`, so a
+    reader that catches `ValueError` rejects the shard instead of failing.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    tensor = stored.get(name)
+    if tensor is None:
+        raise ShardFormatError(f"{name}: tensor is missing")
     if encoding == "fp32":
         if tensor.dtype != "F32":
-            raise ValueError(f"{name}: fp32 encoding needs dtype F32, got {tensor.dtype}")
+            raise ShardFormatError(f"{name}: fp32 encoding needs dtype F32, got {tensor.dtype}")
         return tensor.array.astype(np.float32, copy=False)
     if encoding == "bf16":
         if tensor.dtype != "BF16":
-            raise ValueError(f"{name}: bf16 encoding needs dtype BF16, got {tensor.dtype}")
+            raise ShardFormatError(f"{name}: bf16 encoding needs dtype BF16, got {tensor.dtype}")
         return from_bf16_bits(tensor.array)
-    if encoding == "int8":
-        scale = stored.get(name + SCALE_SUFFIX)
-        if tensor.dtype != "I8" or scale is None or scale.dtype != "F32":
-            raise ValueError(f"{name}: int8 encoding needs I8 values and an F32 {SCALE_SUFFIX}")
-        flat = tensor.array.reshape(-1).astype(np.float32)
-        blocks = -(-flat.size // INT8_BLOCK)
-        if scale.array.shape != (blocks,):
-            raise ValueError(f"{name}: expected {blocks} int8 block scales")
-        padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
-        padded[: flat.size] = flat
-        out: FloatArray = (padded.reshape(blocks, INT8_BLOCK) * scale.array[:, None]).reshape(-1)
-        return out[: flat.size].reshape(tensor.array.shape)
-    raise ValueError(f"unknown encoding {encoding!r}")
+    scale = stored.get(name + SCALE_SUFFIX)
+    if tensor.dtype != "I8":
+        raise ShardFormatError(f"{name}: int8 encoding needs dtype I8, got {tensor.dtype}")
+    if scale is None:
+        raise ShardFormatError(f"{name}: int8 encoding needs the tensor {name}{SCALE_SUFFIX}")
+    if scale.dtype != "F32":
+        raise ShardFormatError(
+            f"{name}{SCALE_SUFFIX}: int8 scales need dtype F32, got {scale.dtype}"
+        )
+    flat = tensor.array.reshape(-1).astype(np.float32)
+    blocks = -(-flat.size // INT8_BLOCK)
+    if scale.array.shape != (blocks,):
+        raise ShardFormatError(
+            f"{name}{SCALE_SUFFIX}: expected shape [{blocks}] (one scale per {INT8_BLOCK} "
+            f"values), got {list(scale.array.shape)}"
+        )
+    padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
+    padded[: flat.size] = flat
+    out: FloatArray = (padded.reshape(blocks, INT8_BLOCK) * scale.array[:, None]).reshape(-1)
+    return out[: flat.size].reshape(tensor.array.shape)
 
 
 def stored_names(names: Iterable[str], encoding: str) -> list[str]:

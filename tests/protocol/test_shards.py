@@ -3,13 +3,17 @@ delta encodings' accuracy."""
 
 from __future__ import annotations
 
+import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from tapestry_protocol.shards import (
+    MAX_HEADER_BYTES,
+    MAX_RANK,
     ShardFormatError,
     Tensor,
     decode_delta,
@@ -54,7 +58,7 @@ def _with_header(header: bytes, body: bytes = b"") -> bytes:
         (b"\x01\x02", "shorter than"),
         (_with_header(b"{}", b"")[:-1] + b"", "exceeds the file"),
         (_with_header(b"[1]"), "not a JSON object"),
-        (_with_header(b"{not json"), "not JSON"),
+        (_with_header(b"{not json"), "not valid JSON"),
         (
             _with_header(b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', b"\0" * 4),
             "does not match its shape",
@@ -69,13 +73,191 @@ def _with_header(header: bytes, body: bytes = b"") -> bytes:
         ),
         (
             _with_header(b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', b"\0" * 8),
-            "not contiguous",
+            "leaves a gap after the previous tensor",
         ),
     ],
 )
 def test_malformed_files_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(ShardFormatError, match=message):
         decode_safetensors(data)
+
+
+def _entry(dtype: Any = "F32", shape: Any = (1,), offsets: Any = (0, 4)) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def _shard(header: dict[str, Any], body: bytes = b"\0" * 4) -> bytes:
+    return _with_header(json.dumps(header).encode(), body)
+
+
+# One case per class of hostile header: each used to escape as another exception
+# (TypeError, OverflowError, RecursionError...) or to be silently accepted.
+HOSTILE_HEADERS: list[tuple[str, bytes, str]] = [
+    ("dtype is a list", _shard({"x": _entry(dtype=["F32"])}), "unsupported dtype ['F32']"),
+    ("dtype is a number", _shard({"x": _entry(dtype=4)}), "unsupported dtype 4"),
+    ("dtype unknown", _shard({"x": _entry(dtype="U64")}), "use one of F64, F32"),
+    (
+        "element count overflows int64",
+        _shard({"x": _entry(shape=[2**40, 2**40, 2**40])}),
+        "impossibly large",
+    ),
+    (
+        "element count wraps to zero in int64",
+        _shard({"x": _entry(shape=[2**32, 2**32], offsets=[0, 0])}, b""),
+        "impossibly large",
+    ),
+    (
+        "empty tensor with a huge dimension",
+        _shard({"x": _entry(shape=[0, 2**62], offsets=[0, 0])}, b""),
+        "impossibly large",
+    ),
+    (
+        "dimension beyond uint64",
+        _shard({"x": _entry(shape=[0, 2**70], offsets=[0, 0])}, b""),
+        "impossibly large",
+    ),
+    (
+        "integer with thousands of digits",
+        _with_header(b'{"x":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}'),
+        "integer of 5000 digits",
+    ),
+    ("negative dimension", _shard({"x": _entry(shape=[-1])}), "invalid shape [-1]"),
+    ("bool dimension", _shard({"x": _entry(shape=[True])}), "invalid shape [True]"),
+    ("float dimension", _shard({"x": _entry(shape=[1.0])}), "invalid shape [1.0]"),
+    ("shape not a list", _shard({"x": _entry(shape="1")}), "invalid shape"),
+    ("rank too high", _shard({"x": _entry(shape=[1] * (MAX_RANK + 1))}), "more than the limit"),
+    ("offsets past the data", _shard({"x": _entry(offsets=[0, 8])}), "end <= 4"),
+    ("offsets far past the data", _shard({"x": _entry(offsets=[2**64, 2**64 + 4])}), "invalid"),
+    ("negative offset", _shard({"x": _entry(offsets=[-4, 0])}), "invalid data_offsets [-4, 0]"),
+    ("bool offset", _shard({"x": _entry(offsets=[False, 4])}), "invalid data_offsets [False"),
+    ("reversed offsets", _shard({"x": _entry(offsets=[4, 0])}), "0 <= start <= end"),
+    ("three offsets", _shard({"x": _entry(offsets=[0, 2, 4])}), "invalid data_offsets"),
+    (
+        "overlapping spans",
+        _shard({"a": _entry(offsets=[0, 4]), "b": _entry(offsets=[2, 6])}, b"\0" * 6),
+        "tensor 'b' data (bytes 2..6) overlaps the previous tensor",
+    ),
+    (
+        "the same span twice",
+        _shard({"a": _entry(), "b": _entry()}),
+        "overlaps the previous tensor",
+    ),
+    ("gap before the first", _shard({"x": _entry(offsets=[4, 8])}, b"\0" * 8), "leaves a gap"),
+    ("trailing bytes", _shard({"x": _entry()}, b"\0" * 5), "1 trailing bytes"),
+    ("nested JSON", _with_header(b"[" * 100_000 + b"]" * 100_000), "nests 100000 levels deep"),
+    ("nested in an entry", _shard({"x": _entry(shape=[[1]])}), "nests 4 levels deep"),
+    (
+        "duplicate tensor names",
+        _with_header(
+            b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            b"\0" * 4,
+        ),
+        "repeats the object key 'x'",
+    ),
+    (
+        "duplicate entry keys",
+        _with_header(
+            b'{"x":{"dtype":"F32","dtype":"F16","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4
+        ),
+        "repeats the object key 'dtype'",
+    ),
+    ("NaN", _with_header(b'{"__metadata__":{"a":NaN}}'), "holds NaN"),
+    ("number overflowing a float", _with_header(b'{"x":1e400}'), "too large for a float"),
+    ("entry not an object", _shard({"x": [1, 2]}), "entry is not an object"),
+    ("entry with an extra key", _shard({"x": {**_entry(), "z": 1}}), "unexpected ['z']"),
+    ("entry missing a key", _shard({"x": {"dtype": "F32", "shape": [1]}}), "missing ['data_"),
+    ("empty name", _shard({"": _entry()}), "empty name"),
+    ("metadata not an object", _shard({"__metadata__": None, "x": _entry()}), "must be an obj"),
+    ("metadata not strings", _shard({"__metadata__": {"k": 1}, "x": _entry()}), "'k' maps to 1"),
+    ("header not UTF-8", _with_header(b'{"\xff":1}'), "not UTF-8"),
+    ("header in UTF-16", _with_header('{"x":1}'.encode("utf-16")), "not UTF-8"),
+    ("lone surrogate", _shard({"\ud800": _entry()}), "lone UTF-16 surrogate"),
+    ("BOOL that is not 0 or 1", _shard({"x": _entry("BOOL", [4])}, b"\0\1\2\0"), "BOOL but"),
+    ("header beyond the limit", struct.pack("<Q", MAX_HEADER_BYTES + 1), "more than the limit"),
+    ("header length near 2**64", struct.pack("<Q", 2**64 - 1) + b"{}", "more than the limit"),
+    ("header is empty", _with_header(b""), "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [pytest.param(data, message, id=case) for case, data, message in HOSTILE_HEADERS],
+)
+def test_hostile_headers_are_refused_with_a_reason(data: bytes, message: str) -> None:
+    with pytest.raises(ShardFormatError) as e:
+        decode_safetensors(data)
+    assert message in str(e.value)
+    assert len(str(e.value)) < 400, "messages stay short even for huge values"
+
+
+def test_a_huge_name_is_cut_short_in_the_message() -> None:
+    with pytest.raises(ShardFormatError, match=r"tensor 'nnnn.*\.\.\. has unsupported") as e:
+        decode_safetensors(_shard({"n" * 1_000_000: _entry(dtype="X")}))
+    assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [
+        ({}, b""),
+        ({"__metadata__": {"format": "np"}}, b""),
+        ({"z": _entry(shape=[0, 7], offsets=[0, 0]), "a": _entry(offsets=[0, 4])}, b"\0" * 4),
+        ({"a": _entry(shape=[]), "b": _entry("BOOL", [2, 1], [4, 6])}, b"\0" * 4 + b"\1\0"),
+        ({"x": _entry("F32", [1] * MAX_RANK)}, b"\0" * 4),
+    ],
+)
+def test_edge_cases_that_are_well_formed(header: dict[str, Any], body: bytes) -> None:
+    tensors, _ = decode_safetensors(_shard(header, body))
+    assert sorted(tensors) == sorted(k for k in header if k != "__metadata__")
+    for name, tensor in tensors.items():
+        assert tensor.array.shape == tuple(header[name]["shape"])
+
+
+def test_decoding_is_zero_copy() -> None:
+    data = bytearray(encode_safetensors({"x": Tensor.of(np.zeros(4, dtype=np.float32))}))
+    tensors, _ = decode_safetensors(memoryview(data))
+    data[-4:] = np.float32(2.5).tobytes()
+    assert tensors["x"].array[-1] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("stored", "encoding", "message"),
+    [
+        ({}, "fp32", "w: tensor is missing"),
+        ({"w": Tensor.of(np.zeros(2, np.float16))}, "fp32", "needs dtype F32, got F16"),
+        ({"w": Tensor.of(np.zeros(2, np.float32))}, "bf16", "needs dtype BF16, got F32"),
+        ({"w": Tensor.of(np.zeros(2, np.float32))}, "int8", "needs dtype I8, got F32"),
+        ({"w": Tensor.of(np.zeros(2, np.int8))}, "int8", "needs the tensor w:scale"),
+        (
+            {"w": Tensor.of(np.zeros(2, np.int8)), "w:scale": Tensor.of(np.zeros(1, np.int8))},
+            "int8",
+            "need dtype F32, got I8",
+        ),
+        (
+            {
+                "w": Tensor.of(np.zeros(300, np.int8)),
+                "w:scale": Tensor.of(np.zeros(1, np.float32)),
+            },
+            "int8",
+            "expected shape [2] (one scale per 256 values), got [1]",
+        ),
+        (
+            {
+                "w": Tensor.of(np.zeros(3, np.int8)),
+                "w:scale": Tensor.of(np.zeros((1, 1), np.float32)),
+            },
+            "int8",
+            "expected shape [1]",
+        ),
+    ],
+)
+def test_inconsistent_deltas_are_format_errors(
+    stored: dict[str, Tensor], encoding: str, message: str
+) -> None:
+    with pytest.raises(ShardFormatError) as e:
+        decode_delta(stored, "w", encoding)
+    assert message in str(e.value)
 
 
 def test_bf16_rounds_to_nearest_even_like_torch() -> None:
