@@ -36,6 +36,7 @@ import numpy as np
 from tapestry_aggregator.strategy import Strategy, compute_weights, outer_step
 from tapestry_protocol import rejections
 from tapestry_protocol.documents import (
+    MAX_TEXT,
     CloseRecord,
     Contribution,
     ModelManifest,
@@ -91,7 +92,7 @@ class RoundInputs:
 
     def refuse(self, participant: str, reason: str, message: str) -> None:
         self.updates.pop(participant, None)
-        self.refusals[participant] = Refusal(participant, reason, message)
+        self.refusals[participant] = Refusal(participant, reason, message[:MAX_TEXT])
 
 
 @dataclass
@@ -321,12 +322,15 @@ def _round_metrics(
 ) -> dict[str, float | str | None]:
     known = [(a.weight, a.metrics.get("trainLoss")) for a in accepted]
     losses = [(w, float(v)) for w, v in known if isinstance(v, int | float)]
+    loss = None
+    if losses and sum(w for w, _ in losses) > 0:
+        loss = sum(w * v for w, v in losses) / sum(w for w, _ in losses)
+        # Rounding can carry the mean just past its inputs, and so past the schema's range.
+        loss = min(max(loss, min(v for _, v in losses)), max(v for _, v in losses))
     return {
         "participants": len(accepted),
         "tokens": sum(a.tokens for a in accepted),
-        "trainLoss": sum(w * v for w, v in losses) / sum(w for w, _ in losses)
-        if losses and sum(w for w, _ in losses) > 0
-        else None,
+        "trainLoss": loss,
         "bytesRead": merged.bytes_read if merged else 0,
         "mergePasses": merged.passes if merged else 0,
     }

@@ -36,6 +36,7 @@ from tapestry_protocol.signing import canonical_json
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
+MAX_TEXT = 4096  # the schemas' longest message (defs `text`)
 
 
 class Kind(StrEnum):

@@ -15,6 +15,7 @@ from typing import Any, Generic
 
 from tapestry_protocol import documents, rejections
 from tapestry_protocol.documents import (
+    MAX_TEXT,
     CloseRecord,
     CloseTrigger,
     D,
@@ -353,7 +354,7 @@ def publish_receipt(
     round_number = plan.document.round
     receipt = Receipt(
         layout.federation, round_number, signer.key_id, plan.sha256, state, reason,
-        message[:4096], now_rfc3339(),
+        message[:MAX_TEXT], now_rfc3339(),
     )  # fmt: skip
     key = layout.receipt(round_number, signer.key_id, state)
     try:
@@ -519,10 +520,12 @@ def build_close(
         answers = receipts.get(name, {})
         if ReceiptState.FAILED in answers:
             r = answers[ReceiptState.FAILED].document
-            excluded.append(Excluded(name, rejections.TRAINING_FAILED, f"{r.reason}: {r.message}"))
+            message = f"{r.reason}: {r.message}"[:MAX_TEXT]
+            excluded.append(Excluded(name, rejections.TRAINING_FAILED, message))
         elif ReceiptState.DECLINED in answers:
             r = answers[ReceiptState.DECLINED].document
-            excluded.append(Excluded(name, rejections.DECLINED, f"{r.reason}: {r.message}"))
+            message = f"{r.reason}: {r.message}"[:MAX_TEXT]
+            excluded.append(Excluded(name, rejections.DECLINED, message))
         else:
             excluded.append(
                 Excluded(name, rejections.LATE, f"no update when the round closed at {when}")
