@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,19 @@ import pytest
 
 from tapestry_aggregator.merge import aggregate_round
 from tapestry_aggregator.strategy import Strategy
+from tapestry_protocol.documents import CloseTrigger, Outcome
 from tapestry_protocol.exchange import (
     COORDINATOR,
+    close_round,
     load_tensors,
     make_plan,
     publish_model,
     publish_plan,
     read_model,
+    read_plan,
 )
 from tapestry_protocol.layout import Layout
+from tapestry_protocol.pod import ExitCode
 from tapestry_protocol.shards import (
     FloatArray,
     plan_shards,
@@ -111,9 +116,16 @@ def test_fedavg_of_one_participant_lands_on_its_local_model(
     local = train_local_only(SPEC, CONFIG, str(round0.data), 1, round0.workdir / "again")
 
     key = round0.coordinator.public_key_text
+    plan = read_plan(round0.store, round0.layout, 0, key)
+    close = close_round(
+        round0.store, round0.layout, plan, round0.coordinator, CloseTrigger.ALL_REPORTED,
+        datetime(2030, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    assert [i.participant for i in close.document.included] == ["alice"]
     result = aggregate_round(round0.store, round0.layout, 0, round0.coordinator, Strategy("fedavg"))
-    assert result.document["outcome"] == "Succeeded"
-    manifest = result.document["nextBase"]["manifest"]
+    assert result.document.outcome == Outcome.SUCCEEDED
+    assert result.document.next_base is not None
+    manifest = result.document.next_base.manifest
     new_base = load_tensors(round0.store, read_model(round0.store, round0.layout, manifest, key))
     moved = False
     for name, value in local.items():
@@ -127,7 +139,7 @@ def test_wrong_coordinator_key_is_refused_clearly(
 ) -> None:
     argv = list(round0.argv)
     argv[argv.index("--coordinator-key") + 1] = SigningKey.generate("x").public_key_text
-    assert participant.main(argv) == 1
+    assert participant.main(argv) == ExitCode.REFUSED
     assert "BadSignature" in capsys.readouterr().err
 
 
@@ -136,7 +148,7 @@ def test_missing_options_are_named(
 ) -> None:
     for var in [v for v in os.environ if v.startswith("TAPESTRY_")]:
         monkeypatch.delenv(var)
-    assert participant.main(["--store", "/nowhere"]) == 2
+    assert participant.main(["--store", "/nowhere"]) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "--federation" in err and "--key" in err
 
@@ -144,7 +156,7 @@ def test_missing_options_are_named(
 def test_not_invited(round0: Round0, capsys: pytest.CaptureFixture[str]) -> None:
     argv = list(round0.argv)
     argv[argv.index("--name") + 1] = "mallory"
-    assert participant.main(argv) == 1
+    assert participant.main(argv) == ExitCode.REFUSED
     assert "not a participant" in capsys.readouterr().err
 
 
@@ -157,6 +169,6 @@ def test_corrupt_base_is_refused_before_training(
     data[100] ^= 0xFF
     round0.store.delete(shard)
     round0.store.put(shard, bytes(data))
-    assert participant.main(round0.argv) == 1
+    assert participant.main(round0.argv) == ExitCode.REFUSED
     err = capsys.readouterr().err
     assert "HashMismatch" in err and "refusing round 0" in err

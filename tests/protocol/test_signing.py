@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tapestry_protocol import rejections
+from tapestry_protocol import documents, rejections
+from tapestry_protocol.documents import Kind, Receipt, ReceiptState
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import (
     SigningKey,
@@ -57,10 +58,26 @@ def test_missing_signature() -> None:
 
 def test_signatures_are_bound_to_the_document_kind() -> None:
     key = SigningKey.generate("alice")
-    signed = key.sign({"kind": "RoundPlan", "x": 1})
-    signed["kind"] = "RoundResult"
+    signed = key.sign({"kind": str(Kind.PLAN), "x": 1})
+    signed["kind"] = str(Kind.RESULT)
     with pytest.raises(Rejected):
         verify(signed, "alice", key.public_key_text)
+
+
+def test_a_typed_document_signs_as_its_wire_json() -> None:
+    key = SigningKey.generate("alice")
+    receipt = Receipt(
+        "demo", 3, "alice", "a" * 64, ReceiptState.DECLINED, "NoCapacity", "busy",
+        "2030-01-01T00:00:00Z",
+    )  # fmt: skip
+    signed = key.sign(receipt.to_json())
+    documents.validate(signed, Kind.RECEIPT, "receipt")
+    verify(signed, "alice", key.public_key_text)
+    assert Receipt.from_json(signed) == receipt
+    signed["state"] = str(ReceiptState.FAILED)  # the enum's wire value is covered too
+    with pytest.raises(Rejected) as e:
+        verify(signed, "alice", key.public_key_text)
+    assert e.value.reason == rejections.BAD_SIGNATURE
 
 
 def test_key_files_round_trip_with_private_permissions(tmp_path: Path) -> None:
