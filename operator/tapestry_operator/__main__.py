@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 
@@ -76,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: object) -> None:
         configure(settings)
+
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """The same credentials as the Kubernetes client: in-cluster or kubeconfig."""
+        return kopf.login_via_client(**kwargs)
 
     kopf.run(
         registry=registry,

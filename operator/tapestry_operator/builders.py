@@ -211,6 +211,8 @@ def build_training_job(
         pod.DATA: pod.DATA_MOUNT,
         pod.WORKDIR: pod.WORK_MOUNT,
         pod.VERDICT: f"{pod.WORK_MOUNT}/verdict.json",
+        "HOME": pod.WORK_MOUNT,  # the root filesystem is read-only: scratch goes here
+        "TMPDIR": pod.WORK_MOUNT,
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -290,13 +292,14 @@ def _coordinator_pod(
 ) -> Obj:
     volumes, mounts = _store_volumes(config)
     key_volume, key_mount = _signing_volume(config.signing_key)
-    volumes += [key_volume, {"name": "tmp", "emptyDir": {}}]
-    mounts += [key_mount, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes += [key_volume, {"name": "work", "emptyDir": {}}]
+    mounts += [key_mount, {"name": "work", "mountPath": pod.WORK_MOUNT}]
+    scratch = {"PYTHONUNBUFFERED": "1", "HOME": pod.WORK_MOUNT, "TMPDIR": pod.WORK_MOUNT}
     container: Obj = {
         "name": component,
         "image": image,
         "command": command,
-        "env": _env({"PYTHONUNBUFFERED": "1", "HOME": "/tmp"}),
+        "env": _env(scratch),  # the root filesystem is read-only: scratch goes here
         "resources": {k: dict(v) for k, v in config.aggregator_resources.items()},
         "volumeMounts": mounts,
         "securityContext": restricted_container_security(),

@@ -245,7 +245,7 @@ class ParticipantConfig:
             nodes=compute["nodes"],
             gpus_per_node=gpus,
             procs_per_node=compute.get("procsPerNode") or max(1, gpus),
-            resources=compute["resources"],
+            resources=compute.get("resources", {}),
             node_selector=dict(compute.get("nodeSelector", {})),
             tolerations=list(compute.get("tolerations", [])),
             priority_class=compute.get("priorityClassName") or None,

@@ -1072,14 +1072,13 @@ class Agent:
         for m in sorted(c.get("volumeMounts") or [], key=lambda m: m["mountPath"]):
             if m["name"] not in worker.volumes:
                 raise PodConfigError("CreateContainerConfigError", f"no volume {m['name']}")
-            hidden = [
-                p for p in (sys.prefix, sys.base_prefix) if Path(p).is_relative_to(m["mountPath"])
-            ]
+            needed = (sys.prefix, sys.base_prefix, str(self.created_log.parent))
+            hidden = [p for p in needed if Path(p).is_relative_to(m["mountPath"])]
             if hidden:
                 raise PodConfigError(
                     "CreateContainerConfigError",
-                    f"mountPath {m['mountPath']} would hide {hidden[0]}, the Python environment "
-                    "the test node runs containers from",
+                    f"mountPath {m['mountPath']} would hide {hidden[0]}, which the test node "
+                    "needs to run containers (its Python environment or its state directory)",
                 )
             source = worker.volumes[m["name"]]
             sub = m.get("subPath") or expand(m.get("subPathExpr", ""), env)
