@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup testbin test test-fast fuzz demo bench lint fmt clean
+.PHONY: setup testbin test test-fast fuzz demo kube-demo operator bench lint fmt clean
 
 ## setup: virtualenv with the project (editable) and every dev/test dependency
 setup: $(STAMP)
@@ -35,6 +35,14 @@ fuzz: setup
 ## demo: a 3-participant federation on this machine, ending in the evaluation table
 demo: setup
 	$(VENV)/bin/tapestry local run --fresh
+
+## kube-demo: the single-cluster example on a real control plane and MinIO, built here
+kube-demo: setup testbin
+	$(PY) -m tests.kube.demo
+
+## operator: run the operator (both roles) against the current kubeconfig
+operator: setup
+	$(PY) -m tapestry_operator --role both --log-format text
 
 ## bench: aggregation (streaming vs load-everything) and cluster start; results in bench/results/
 bench: setup testbin

@@ -12,6 +12,7 @@ protocol is write-once and idempotent, so finished rounds are only re-verified.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 console = Console()
 
 DEFAULT_WORKDIR = Path("runs/local")
+POLL = timedelta(seconds=1)
 
 
 def add_parser(sub: Any) -> None:
@@ -91,7 +93,9 @@ class Participant:
     process: subprocess.Popen[bytes] | None = None
     progress_file: Path = field(default_factory=Path)
     log_file: Path = field(default_factory=Path)
+    verdict_file: Path = field(default_factory=Path)
     task: TaskID | None = None
+    signer: Any = None
 
 
 def _participants(args: argparse.Namespace, workdir: Path) -> list[Participant]:
@@ -210,24 +214,10 @@ class Federation:
             raise LocalRunError(f"cannot use store {self.store_url!r}: {e}") from None
         return store
 
-    def _initial_base(self, store: Any, coordinator: Any) -> Any:
-        from tapestry_protocol.exchange import publish_model, read_model
-        from tapestry_protocol.shards import DEFAULT_SHARD_BYTES, plan_shards
-        from tapestry_trainer.baseline import initial_arrays
+    # -- the coordinator's side ---------------------------------------------------------
 
-        key = self.layout.base_manifest(0)
-        if not store.exists(key):
-            arrays = initial_arrays(self.spec)
-            groups = plan_shards([(n, a.nbytes) for n, a in arrays.items()], DEFAULT_SHARD_BYTES)
-            publish_model(
-                store, self.layout, 0, arrays, groups, coordinator, model=self.spec.to_dict()
-            )
-        return read_model(store, self.layout, key, coordinator.public_key_text)
-
-    # -- rounds -----------------------------------------------------------------------
-
-    def _plan(self, store: Any, coordinator: Any, round_number: int, base: Any) -> Any:
-        from tapestry_protocol.exchange import make_plan, publish_plan, read_plan
+    def _plan(self, store: Any, coordinator: Any, round_number: int, base: Any) -> None:
+        from tapestry_protocol.exchange import make_plan, publish_plan
         from tapestry_protocol.store import ObjectExists
 
         keys = {p.name: self._key_file(p.name, ".pub").read_text().strip() for p in self.people}
@@ -242,63 +232,161 @@ class Federation:
             deadline=(datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             encoding=self.args.encoding,
         )
-        try:
-            return publish_plan(store, self.layout, plan, coordinator)
-        except ObjectExists:  # a re-run: the round was planned before
-            return read_plan(store, self.layout, round_number, coordinator.public_key_text)
+        with contextlib.suppress(ObjectExists):  # a re-run: the round was planned before
+            publish_plan(store, self.layout, plan, coordinator)
 
-    def _answer(
-        self,
-        store: Any,
-        plan: Any,
-        state: Any,
-        reason: str,
-        message: str,
-        only: str | None = None,
-    ) -> None:
-        """Each participant's signed receipt for the plan, as its operator would write it."""
+    def _round(self, store: Any, coordinator: Any, round_number: int) -> Any:
+        """Drive one round to its result: the same decisions as the operator's
+        (`tapestry_lifecycle`), with subprocesses where the operator has Jobs."""
+        from tapestry_aggregator.merge import aggregate_round
+        from tapestry_lifecycle import coordinator as lifecycle
+        from tapestry_lifecycle.coordinator import Action
+        from tapestry_protocol.documents import CloseTrigger
+        from tapestry_protocol.exchange import close_round
+
+        key = coordinator.public_key_text
+        with Progress(
+            TextColumn("  {task.description:>14}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bars:
+            while True:
+                now = datetime.now(UTC)
+                view = lifecycle.observe_round(store, self.layout, round_number, key, now)
+                step = lifecycle.decide(view, suspended=False, base_ready=True, poll=POLL)
+                if step.action == Action.PUBLISH_PLAN:
+                    base = lifecycle.round_base(store, self.layout, round_number, key)
+                    if base is None:
+                        raise LocalRunError(f"round {round_number} has no base to train from")
+                    self._plan(store, coordinator, round_number, base)
+                elif step.action == Action.CLOSE and view.plan is not None:
+                    assert step.trigger is not None
+                    close_round(store, self.layout, view.plan, coordinator, step.trigger, now)
+                elif step.action == Action.AGGREGATE:
+                    task = bars.add_task("aggregator", total=None, info="merging")
+
+                    def merged(event: ProgressEvent, task: TaskID = task) -> None:
+                        bars.update(task, completed=event.done, total=event.total,
+                                    info=f"shard {event.done}/{event.total}")  # fmt: skip
+
+                    aggregate_round(
+                        store, self.layout, round_number, coordinator, self.strategy,
+                        progress=merged,
+                    )  # fmt: skip
+                elif step.action in (Action.DONE, Action.STALLED):
+                    assert view.result is not None
+                    return view.result.document
+                elif not self._participants(store, round_number, key, bars) and view.plan:
+                    # Every local participant has answered or cannot: nothing more can
+                    # arrive, so close now instead of waiting for the plan's deadline.
+                    close_round(
+                        store, self.layout, view.plan, coordinator, CloseTrigger.MANUAL, now
+                    )
+
+    # -- the participants' side ---------------------------------------------------------
+
+    def _participants(
+        self, store: Any, round_number: int, coordinator_key: str, bars: Progress
+    ) -> bool:
+        """Each participant's next step, as its own operator would take it, then a short
+        wait with the progress bars moving. False once none of them has anything left to
+        do (all answered, or unable to)."""
+        from tapestry_lifecycle import participant as lifecycle
+        from tapestry_lifecycle.participant import Admission, Do
+        from tapestry_lifecycle.states import MemberState
+        from tapestry_protocol.documents import ReceiptState
         from tapestry_protocol.exchange import publish_receipt
-        from tapestry_protocol.signing import load_signing_key
 
+        now = datetime.now(UTC)
+        busy = False
         for p in self.people:
-            if only is None or p.name == only:
-                signer = load_signing_key(p.name, self._key_file(p.name))
-                publish_receipt(store, self.layout, plan, signer, state, reason, message)
+            if p.signer is None:
+                continue  # its key is unusable: it cannot sign anything, so it is late
+            training, message = self._training_state(p)
+            view = lifecycle.observe_plan(
+                store, self.layout, round_number, p.name, coordinator_key, now,
+                training=training, training_message=message,
+            )  # fmt: skip
+            step = lifecycle.decide(view, Admission.AUTOMATIC)
+            busy |= (
+                step.do not in (Do.DONE, Do.IGNORE, Do.WAIT) or step.state == MemberState.TRAINING
+            )
+            if step.do == Do.ACCEPT and view.plan is not None:
+                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.ACCEPTED,
+                                str(step.reason), "training started")  # fmt: skip
+            elif step.do == Do.TRAIN:
+                self._launch(p, round_number, coordinator_key)
+                if p.task is None:
+                    p.task = bars.add_task(p.name, total=self.config.steps, info="starting")
+            elif step.do == Do.REPORT_FAILED and view.plan is not None:
+                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.FAILED,
+                                str(step.reason), step.message)  # fmt: skip
+                console.print(
+                    f"  [red]{p.name} failed[/]: {step.message}\n  full log: {p.log_file}",
+                    highlight=False,
+                )
+            elif step.do == Do.DECLINE and view.plan is not None:
+                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.DECLINED,
+                                str(step.reason), step.message)  # fmt: skip
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for p in self.people:
+                last = self._last_progress(p) if p.task is not None else None
+                if last is not None and p.task is not None:
+                    bars.update(p.task, completed=last.done, info=self._progress_info(last))
+            if any(p.process is not None and p.process.poll() is not None for p in self.people):
+                break
+            time.sleep(0.3)
+        return busy
+
+    def _training_state(self, p: Participant) -> tuple[Any, str]:
+        """The participant's training process as the lifecycle sees a Job."""
+        from tapestry_lifecycle.states import JobState
+        from tapestry_trainer.launch import read_verdict
+
+        if p.process is None:
+            return JobState.ABSENT, ""
+        code = p.process.poll()
+        if code is None:
+            return JobState.RUNNING, ""
+        if code == 0:
+            return JobState.SUCCEEDED, ""
+        _, message = read_verdict(p.verdict_file, code)
+        if message.startswith("training exited"):  # no verdict: the log says why
+            message = failure_reason(p.log_file.read_text(errors="replace"))
+        return JobState.FAILED, f"exit code {code}: {message}"
 
     def _launch(self, p: Participant, round_number: int, coordinator_key: str) -> None:
+        """The training process, started as a pod starts it (`tapestry_trainer.launch`)."""
+        from tapestry_protocol import pod
+
         logs = self.workdir / "logs" / f"round-{round_number:03d}"
         logs.mkdir(parents=True, exist_ok=True)
         p.log_file = logs / f"{p.name}.log"
         p.progress_file = logs / f"{p.name}.progress"
+        p.verdict_file = logs / f"{p.name}.verdict.json"
         p.progress_file.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={self.args.nproc_per_participant}",
-            "-m",
-            "tapestry_trainer.participant",
-            "--store",
-            self.store_url,
-            "--federation",
-            self.layout.federation,
-            "--round",
-            str(round_number),
-            "--name",
-            p.name,
-            "--key",
-            str(self._key_file(p.name)),
-            "--coordinator-key",
-            coordinator_key,
-            "--data",
-            str(p.data),
-            "--workdir",
-            str(self.workdir),
-            "--progress",
-            str(p.progress_file),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "PYTHONUNBUFFERED": "1",
+            "PET_NNODES": "1",
+            "PET_NPROC_PER_NODE": str(self.args.nproc_per_participant),
+            pod.STORE: self.store_url,
+            pod.FEDERATION: self.layout.federation,
+            pod.ROUND: str(round_number),
+            pod.PARTICIPANT: p.name,
+            pod.KEY: str(self._key_file(p.name)),
+            pod.COORDINATOR_KEY: coordinator_key,
+            pod.DATA: str(p.data),
+            pod.WORKDIR: str(self.workdir),
+            pod.PROGRESS: str(p.progress_file),
+            pod.VERDICT: str(p.verdict_file),
+        }
+        command = [sys.executable, "-m", "tapestry_trainer.launch"]
         with p.log_file.open("wb") as log:
             p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -318,43 +406,23 @@ class Federation:
             return f"loss {event.loss:.3f}"
         return event.message or event.phase.value
 
-    def _train_round(self, round_number: int, coordinator_key: str) -> dict[str, str]:
-        """Run every participant; returns the failed ones with their log tails."""
-        failed: dict[str, str] = {}
-        with Progress(
-            TextColumn("  {task.description:>14}"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bars:
-            for p in self.people:
-                self._launch(p, round_number, coordinator_key)
-                p.task = bars.add_task(p.name, total=self.config.steps, info="starting")
-            while any(p.process and p.process.poll() is None for p in self.people):
-                for p in self.people:
-                    last = self._last_progress(p)
-                    if last is not None and p.task is not None:
-                        bars.update(p.task, completed=last.done, info=self._progress_info(last))
-                time.sleep(0.3)
+    def _signers(self) -> None:
+        """Each participant's signing key, as its operator holds it; one that cannot be
+        loaded leaves that participant unable to answer (it will be late)."""
+        from tapestry_protocol.signing import load_signing_key
+
         for p in self.people:
-            assert p.process is not None
-            if p.process.returncode != 0:
-                reason = failure_reason(p.log_file.read_text(errors="replace"))
-                failed[p.name] = f"exit code {p.process.returncode}: {reason}"
-                console.print(
-                    f"  [red]{p.name} failed[/] (exit {p.process.returncode}): "
-                    f"{reason}\n  full log: {p.log_file}",
-                    highlight=False,
-                )
-        return failed
+            try:
+                p.signer = load_signing_key(p.name, self._key_file(p.name))
+            except ValueError as e:
+                p.signer = None
+                console.print(f"  [red]{p.name} cannot take part[/]: {e}", highlight=False)
 
     def run(self) -> int:
         from tapestry_aggregator.memory import keep_freed_memory
-        from tapestry_aggregator.merge import aggregate_round
-        from tapestry_protocol.documents import CloseTrigger, Outcome, ReceiptState
-        from tapestry_protocol.exchange import close_round, read_model
+        from tapestry_protocol.documents import Outcome
+        from tapestry_protocol.exchange import read_model
+        from tapestry_trainer.bootstrap import publish_initial_base
 
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +430,8 @@ class Federation:
         self._prepare_data()
         store = self._open_store()
         keep_freed_memory()
-        base = self._initial_base(store, coordinator)
+        base = publish_initial_base(store, self.layout, self.spec, coordinator)
+        self._signers()
         console.print(
             f"[bold]federation[/] {self.layout.federation}: {len(self.people)} participants "
             f"({', '.join(p.name for p in self.people)}), {self.args.rounds} rounds x "
@@ -372,24 +441,10 @@ class Federation:
         )
         key = coordinator.public_key_text
         for r in range(self.args.rounds):
-            plan = self._plan(store, coordinator, r, base)
             round_started = time.monotonic()
-            if not store.exists(self.layout.close(r)):
-                self._answer(store, plan, ReceiptState.ACCEPTED, "Admitted", "training started")
-                for name, message in self._train_round(r, key).items():
-                    self._answer(
-                        store, plan, ReceiptState.FAILED, "TrainingFailed", message, only=name
-                    )
-                close_round(store, self.layout, plan, coordinator, CloseTrigger.ALL_REPORTED,
-                            datetime.now(UTC))  # fmt: skip
-            with console.status(f"aggregating round {r}") as status:
-
-                def merged(event: ProgressEvent, r: int = r) -> None:
-                    status.update(f"aggregating round {r}: shard {event.done}/{event.total}")
-
-                result = aggregate_round(
-                    store, self.layout, r, coordinator, self.strategy, progress=merged
-                ).document
+            for p in self.people:
+                p.process, p.task = None, None
+            result = self._round(store, coordinator, r)
             loss = result.metrics.get("trainLoss")
             rejected = ", ".join(f"{x.participant} ({x.reason})" for x in result.rejected)
             succeeded = result.outcome == Outcome.SUCCEEDED

@@ -19,6 +19,7 @@ from tapestry_protocol import rejections
 from tapestry_protocol.documents import (
     CloseRecord,
     CloseTrigger,
+    ModelManifest,
     Outcome,
     ReceiptState,
     RoundPlan,
@@ -29,6 +30,7 @@ from tapestry_protocol.exchange import (
     Verified,
     committed_updates,
     read_close,
+    read_model,
     read_plan,
     read_receipts,
     read_result,
@@ -160,6 +162,29 @@ def decide(view: RoundView, *, suspended: bool, base_ready: bool, poll: timedelt
 
 def _close(trigger: CloseTrigger, message: str) -> Step:
     return Step(Action.CLOSE, RoundPhase.AGGREGATING, Reason.CLOSED, message, trigger=trigger)
+
+
+def round_base(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> Verified[ModelManifest] | None:
+    """The base round r trains from, or None while it is not known yet.
+
+    Round 0 trains from `bases/0`. Round r from round r-1's next base when r-1
+    succeeded, and from r-1's own base when it failed, so one failed round does not stop
+    a federation."""
+    if round_number == 0:
+        if not store.exists(layout.base_manifest(0)):
+            return None
+        return read_model(store, layout, layout.base_manifest(0), coordinator_key)
+    previous = round_number - 1
+    if not store.exists(layout.result(previous)):
+        return None
+    result = read_result(store, layout, previous, coordinator_key).document
+    if result.outcome == Outcome.SUCCEEDED and result.next_base is not None:
+        ref = result.next_base
+    else:
+        ref = read_plan(store, layout, previous, coordinator_key).document.base
+    return read_model(store, layout, ref.manifest, coordinator_key, expected_sha256=ref.sha256)
 
 
 def observe_round(

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tapestry_lifecycle import coordinator as lifecycle
-from tapestry_lifecycle.coordinator import Action, RoundView
+from tapestry_lifecycle.coordinator import Action, RoundView, round_base
 from tapestry_lifecycle.states import MemberState, Reason, RoundPhase
 from tapestry_operator import api, builders
 from tapestry_operator.conditions import Health, conditions
@@ -21,15 +21,13 @@ from tapestry_operator.config import FederationConfig, RoundConfig
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
 from tapestry_protocol import rejections
-from tapestry_protocol.documents import ModelManifest, Outcome
+from tapestry_protocol.documents import Outcome
 from tapestry_protocol.exchange import (
     COORDINATOR,
-    Verified,
     close_round,
     make_plan,
     publish_plan,
     read_model,
-    read_plan,
     read_result,
 )
 from tapestry_protocol.layout import Layout
@@ -54,29 +52,6 @@ class Visit:
 def _signer(kube: Kube, federation: FederationConfig) -> SigningKey:
     pem = kube.secret_entry(federation.namespace, federation.signing_key.name, "signing.key")
     return load_signing_key(COORDINATOR, pem)
-
-
-def round_base(
-    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
-) -> Verified[ModelManifest] | None:
-    """The base round r trains from, or None while it is not known yet.
-
-    Round 0 trains from `bases/0`. Round r from round r-1's next base when r-1
-    succeeded, and from r-1's own base when it failed, so one failed round does not stop
-    a federation."""
-    if round_number == 0:
-        if not store.exists(layout.base_manifest(0)):
-            return None
-        return read_model(store, layout, layout.base_manifest(0), coordinator_key)
-    previous = round_number - 1
-    if not store.exists(layout.result(previous)):
-        return None
-    result = read_result(store, layout, previous, coordinator_key).document
-    if result.outcome == Outcome.SUCCEEDED and result.next_base is not None:
-        ref = result.next_base
-    else:
-        ref = read_plan(store, layout, previous, coordinator_key).document.base
-    return read_model(store, layout, ref.manifest, coordinator_key, expected_sha256=ref.sha256)
 
 
 def duplicate_of(kube: Kube, config: RoundConfig) -> str | None:

@@ -103,11 +103,24 @@ def test_a_crashed_participant_is_reported_and_the_round_goes_on(tmp_path: Path)
     workdir = tmp_path / "w"
     prepared = _local_run(data, workdir, "--no-baseline", rounds=0)
     assert prepared.returncode == 0, prepared.stderr
-    (workdir / "keys" / "bob.key").write_text("not a key")  # bob's process will fail
+    for shard in (workdir / "data" / "bob").glob("train-*"):
+        shard.unlink()  # bob's training will fail: its data is gone
     run = _local_run(data, workdir, "--no-baseline", rounds=1)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "bob failed" in run.stdout and "not a PEM private key" in run.stdout
+    assert "bob failed" in run.stdout and "cannot load data" in run.stdout
     assert "round 0: Succeeded" in run.stdout and "bob (TrainingFailed)" in run.stdout
+
+
+def test_a_participant_that_cannot_sign_is_late(tmp_path: Path) -> None:
+    data = write_corpora(tmp_path / "text")
+    workdir = tmp_path / "w"
+    prepared = _local_run(data, workdir, "--no-baseline", rounds=0)
+    assert prepared.returncode == 0, prepared.stderr
+    (workdir / "keys" / "bob.key").write_text("not a key")  # bob can sign nothing
+    run = _local_run(data, workdir, "--no-baseline", rounds=1)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "bob cannot take part" in run.stdout and "not a PEM private key" in run.stdout
+    assert "round 0: Succeeded" in run.stdout and "bob (Late)" in run.stdout
 
 
 def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:

@@ -205,7 +205,11 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         raise ParticipantError(f"--loader-options is not JSON: {e}", ExitCode.USAGE) from None
     if not isinstance(options, dict):
         raise ParticipantError("--loader-options must be a JSON object", ExitCode.USAGE)
-    loader = plugins.loader_for(args.data, config, ctx, factory=args.loader, options=options)
+    try:
+        loader = plugins.loader_for(args.data, config, ctx, factory=args.loader, options=options)
+    except (OSError, ValueError, plugins.PluginError) as e:
+        # Missing or unreadable data, or a broken plug-in: retrying the pod cannot help.
+        raise ParticipantError(f"cannot load data {args.data}: {e}", ExitCode.USAGE) from None
     progress = args.progress if ctx.is_main else None
 
     def on_step(info: StepInfo) -> None:
