@@ -566,11 +566,6 @@ def test_bootstrap_job_publishes_round_zero_in_the_trainer_image(
     _assert_no_secret_in_the_environment(job)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CRD has no spec.model.trainerImage, so the bootstrap container's image is "
-    "empty; drop this marker once the schema has the field",
-)
 def test_bootstrap_job_has_an_image() -> None:
     body = crd_defaults.federation()
     job = build_bootstrap_job(FederationConfig.from_body(body), body)

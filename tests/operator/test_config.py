@@ -165,11 +165,6 @@ def test_federation_config_reads_a_defaulted_body() -> None:
     assert (config.auto_rounds, config.max_rounds) == (False, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CRD has no spec.model.trainerImage, so the trainer image is empty; drop this "
-    "marker once the schema has the field",
-)
 def test_federation_names_an_image_for_the_bootstrap_job() -> None:
     """Round 0's base is published by a Job in the trainer image: it must be known."""
     config = FederationConfig.from_body(crd_defaults.federation())
@@ -253,12 +248,6 @@ def test_round_overrides_win_over_the_federation_defaults() -> None:
 # --- Participant ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="the CRD has no default for spec.compute.resources, which from_body requires; "
-    "drop this marker once one of them changes",
-)
 def test_a_participant_without_compute_resources_is_read() -> None:
     config = ParticipantConfig.from_body(crd_defaults.participant())
     assert config.resources == {}
