@@ -455,7 +455,8 @@ def _checked_norm_sq(
             f"{where}: {tensor} has shape {list(values.shape)}, the base has {list(base.shape)}",
         )
     flat = values.reshape(-1)
-    norm_sq = float(np.dot(flat, flat))
+    with np.errstate(over="ignore"):  # an overflowing norm is the refusal below, not a warning
+        norm_sq = float(np.dot(flat, flat))
     if not np.isfinite(norm_sq) and not np.isfinite(flat).all():
         raise _Rejection(
             participant, rejections.NON_FINITE, f"{where}: {tensor} holds NaN or infinity"

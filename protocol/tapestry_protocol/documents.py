@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import jsonschema
 from referencing import Registry, Resource
 
-from tapestry_protocol import rejections
+from tapestry_protocol import jsonsafe, rejections
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import ShardRef
 from tapestry_protocol.signing import canonical_json
@@ -159,8 +159,6 @@ def validate(document: dict[str, Any], kind: Kind | str, where: str) -> None:
 
 def parse(data: bytes, kind: str, where: str) -> dict[str, Any]:
     """Decode and validate a stored document; hostile bytes are rejected, never a crash."""
-    from tapestry_protocol import jsonsafe
-
     try:
         document = jsonsafe.loads(
             data,

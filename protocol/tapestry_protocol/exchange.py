@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic
 
-from tapestry_protocol import documents, rejections
+from tapestry_protocol import documents, jsonsafe, rejections
 from tapestry_protocol.documents import (
     MAX_TEXT,
     CloseRecord,
@@ -75,12 +75,25 @@ def read_document(
 ) -> tuple[D, dict[str, Any], str]:
     """The typed document at `key`, its raw JSON (to verify) and the sha256 of its bytes."""
     where = where or key
-    try:
-        data = store.get(key)
-    except ObjectNotFound:
-        raise Rejected(rejections.MISSING_MANIFEST, f"{where} does not exist") from None
+    data = _bounded_get(store, key, where)
     document, raw = documents.load(data, cls, where)
     return document, raw, sha256_hex(data)
+
+
+def _bounded_get(store: ObjectStore, key: str, where: str) -> bytes:
+    """A document's bytes, read no further than the size limit: a participant's huge
+    manifest costs the reader one limit's worth of memory, then is refused."""
+    try:
+        data = store.get(key, length=jsonsafe.MAX_DOCUMENT_BYTES + 1)
+    except ObjectNotFound:
+        raise Rejected(rejections.MISSING_MANIFEST, f"{where} does not exist") from None
+    if len(data) > jsonsafe.MAX_DOCUMENT_BYTES:
+        raise Rejected(
+            rejections.MALFORMED_DOCUMENT,
+            f"{where} is larger than the {jsonsafe.MAX_DOCUMENT_BYTES >> 20} MiB a document "
+            "may be",
+        )
+    return data
 
 
 def _read_signed(
@@ -109,7 +122,7 @@ def fetch_shard(store: ObjectStore, directory: str, ref: ShardRef) -> bytes:
     """The shard's bytes, only once their size and sha256 match the manifest."""
     key = directory + ref.name
     try:
-        data = store.get(key)
+        data = store.get(key, length=jsonsafe.MAX_DOCUMENT_BYTES + 1)
     except ObjectNotFound:
         raise Rejected(rejections.MISSING_SHARD, f"shard {key} is listed but absent") from None
     if len(data) != ref.size:
@@ -491,10 +504,13 @@ def committed_updates(
     """Members with a committed update manifest -> sha256 of its bytes (unverified)."""
     out: dict[str, str] = {}
     for name in names:
+        key = layout.update_manifest(round_number, name)
         try:
-            out[name] = sha256_hex(store.get(layout.update_manifest(round_number, name)))
-        except ObjectNotFound:
-            continue
+            out[name] = sha256_hex(_bounded_get(store, key, key))
+        except Rejected as e:
+            if e.reason == rejections.MISSING_MANIFEST:
+                continue
+            out[name] = "0" * 64  # too large: included, and refused by the merge (no match)
     return out
 
 

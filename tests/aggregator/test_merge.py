@@ -27,6 +27,7 @@ from tapestry_protocol.exchange import (
     read_model,
     read_result,
 )
+from tapestry_protocol.jsonsafe import MAX_DOCUMENT_BYTES
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.store.filesystem import FilesystemStore
@@ -371,6 +372,30 @@ def test_a_huge_finite_delta_is_refused_and_the_result_stays_signable(tmp_path: 
     assert again == result
     merged = _merged(fed, result)
     assert all(np.isfinite(v).all() for v in merged.values())
+
+
+def test_an_oversized_manifest_is_refused_without_reading_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed = _fed(tmp_path)
+    fed.publish("bob", fed.delta(seed=2), tokens=10)
+    key = fed.layout.update_manifest(0, "alice")
+    fed.store.put(key, b"{" + b" " * (MAX_DOCUMENT_BYTES + 10) + b"}")
+    reads: list[int | None] = []
+    get = fed.store.get
+
+    def recording_get(k: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        if k == key:
+            reads.append(length)
+        return get(k, offset=offset, length=length)
+
+    monkeypatch.setattr(fed.store, "get", recording_get)
+    result = fed.aggregate(0, Strategy("fedavg"))
+    assert result.document.outcome == Outcome.SUCCEEDED and _accepted(result) == ["bob"]
+    refusal = result.document.rejected[0]
+    assert (refusal.participant, refusal.reason) == ("alice", rejections.MALFORMED_DOCUMENT)
+    assert "larger than the 16 MiB" in refusal.message
+    assert reads and all(n == MAX_DOCUMENT_BYTES + 1 for n in reads)  # never the whole object
 
 
 def test_quorum_not_met_fails_the_round_with_reasons(tmp_path: Path) -> None:
