@@ -301,7 +301,7 @@ class UpdateManifest:
         return cls(
             d["federation"], d["round"], d["participant"], d["plan"]["sha256"],
             d["base"]["sha256"], d["encoding"], tuple(ShardRef.from_json(s) for s in d["shards"]),
-            d["tokens"], dict(d["metrics"]), d["createdAt"],
+            int(d["tokens"]), dict(d["metrics"]), d["createdAt"],
         )  # fmt: skip
 
 
@@ -505,7 +505,7 @@ class RoundResult:
             Ref.from_json(d["nextBase"]), Ref.from_json(d["optimizerState"]), d["strategy"],
             tuple(
                 Contribution(
-                    a["participant"], a["weight"], a["tokens"], a["manifestSha256"],
+                    a["participant"], a["weight"], int(a["tokens"]), a["manifestSha256"],
                     a["deltaNorm"], dict(a["metrics"]),
                 )
                 for a in d["accepted"]

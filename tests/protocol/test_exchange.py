@@ -117,6 +117,15 @@ def test_republishing_keeps_the_committed_update(fed: Federation) -> None:
     assert again.sha256 == first.sha256
 
 
+def test_a_whole_float_token_count_is_read_as_an_integer(fed: Federation) -> None:
+    """JSON Schema's integer admits 7.0; the typed document holds an int all the same."""
+    signed = _signed(fed)
+    signed["tokens"] = 7.0
+    _rewrite_manifest(fed, "alice", fed.participants["alice"].sign(signed))
+    tokens = _read(fed).document.tokens
+    assert tokens == 7 and type(tokens) is int
+
+
 def test_missing_manifest(fed: Federation) -> None:
     assert _reason(lambda: _read(fed)) == rejections.MISSING_MANIFEST
 
