@@ -287,9 +287,17 @@ def _gpu_resources(resources: Mapping[str, Any], gpus: int) -> Obj:
     return out
 
 
-def _coordinator_pod(
-    config: FederationConfig, component: str, image: str, command: list[str], labels_: Obj
+def _coordinator_job(
+    config: FederationConfig,
+    owner: Mapping[str, Any],
+    name: str,
+    component: str,
+    image: str,
+    command: list[str],
+    job_labels: dict[str, str],
 ) -> Obj:
+    """A Job in the coordinator's namespace that signs as the coordinator: its key and
+    the store's credentials mounted as files, scratch in the work mount."""
     volumes, mounts = _store_volumes(config)
     key_volume, key_mount = _signing_volume(config.signing_key)
     volumes += [key_volume, {"name": "work", "emptyDir": {}}]
@@ -304,7 +312,7 @@ def _coordinator_pod(
         "volumeMounts": mounts,
         "securityContext": restricted_container_security(),
     }
-    spec: Obj = {
+    pod_spec: Obj = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -313,8 +321,22 @@ def _coordinator_pod(
         "volumes": volumes,
     }
     if config.aggregator_service_account:
-        spec["serviceAccountName"] = config.aggregator_service_account
-    return {"metadata": {"labels": labels_}, "spec": spec}
+        pod_spec["serviceAccountName"] = config.aggregator_service_account
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": config.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "podFailurePolicy": _pod_failure_policy(component),
+            "template": {"metadata": {"labels": dict(job_labels)}, "spec": pod_spec},
+        },
+    }
 
 
 def build_aggregator_job(
@@ -322,8 +344,6 @@ def build_aggregator_job(
 ) -> Obj:
     """The Job that merges a closed round (operator image, no torch); re-running it is
     safe: the merge of a closed round is deterministic and write-once."""
-    name = aggregator_job_name(federation.name, round_config.round)
-    job_labels = labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)})
     command = [
         "tapestry", "aggregate",
         "--store", federation.store.pod_url(),
@@ -332,30 +352,16 @@ def build_aggregator_job(
         "--key", pod.SIGNING_KEY_DIR,
         "--strategy", json.dumps(federation.strategy.to_json(), sort_keys=True),
     ]  # fmt: skip
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": federation.namespace,
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": {
-            "backoffLimit": JOB_BACKOFF_LIMIT,
-            "podFailurePolicy": _pod_failure_policy(AGGREGATOR),
-            "template": _coordinator_pod(
-                federation, AGGREGATOR, federation.aggregator_image, command, job_labels
-            ),
-        },
-    }
+    return _coordinator_job(
+        federation, owner, aggregator_job_name(federation.name, round_config.round),
+        AGGREGATOR, federation.aggregator_image, command,
+        labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)}),
+    )  # fmt: skip
 
 
 def build_bootstrap_job(federation: FederationConfig, owner: Mapping[str, Any]) -> Obj:
     """The Job that publishes round 0's base from the model preset (trainer image: it
     needs torch to initialise the model; the operator does not have it)."""
-    name = bootstrap_job_name(federation.name)
-    job_labels = labels(BOOTSTRAP, federation.name)
     command = [
         "python", "-m", "tapestry_trainer.bootstrap",
         "--store", federation.store.pod_url(),
@@ -364,20 +370,7 @@ def build_bootstrap_job(federation: FederationConfig, owner: Mapping[str, Any]) 
         "--seed", str(federation.seed),
         "--key", pod.SIGNING_KEY_DIR,
     ]  # fmt: skip
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": federation.namespace,
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": {
-            "backoffLimit": JOB_BACKOFF_LIMIT,
-            "podFailurePolicy": _pod_failure_policy(BOOTSTRAP),
-            "template": _coordinator_pod(
-                federation, BOOTSTRAP, federation.trainer_image, command, job_labels
-            ),
-        },
-    }
+    return _coordinator_job(
+        federation, owner, bootstrap_job_name(federation.name), BOOTSTRAP,
+        federation.trainer_image, command, labels(BOOTSTRAP, federation.name),
+    )  # fmt: skip
