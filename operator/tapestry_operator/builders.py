@@ -374,3 +374,21 @@ def build_bootstrap_job(federation: FederationConfig, owner: Mapping[str, Any]) 
         federation, owner, bootstrap_job_name(federation.name), BOOTSTRAP,
         federation.trainer_image, command, labels(BOOTSTRAP, federation.name),
     )  # fmt: skip
+
+
+def build_auto_round(
+    federation: FederationConfig, round_number: int, owner: Mapping[str, Any]
+) -> Obj:
+    """The FederationRound that `autoRounds` starts: the Federation's defaults, nothing
+    overridden, owned by the Federation."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "FederationRound",
+        "metadata": {
+            "name": child_name(federation.name, f"round-{round_number}"),
+            "namespace": federation.namespace,
+            "labels": labels("round", federation.name, **{api.LABEL_ROUND: str(round_number)}),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {"federation": federation.name, "round": round_number},
+    }

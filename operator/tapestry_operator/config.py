@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
@@ -219,7 +219,6 @@ class ParticipantConfig:
     poll: timedelta
     history_limit: int
     generation: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def layout(self) -> Layout:

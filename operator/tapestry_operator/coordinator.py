@@ -264,7 +264,37 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
         fields["latestRound"] = latest
     ref = newest or base.ref
     fields["base"] = {"manifest": ref.manifest, "sha256": ref.sha256}
+    if federation.auto_rounds:
+        started = _next_auto_round(kube, federation, store, key, body)
+        if started is not None:
+            events.append(("Normal", Reason.PLAN_PUBLISHED, f"started round {started}"))
     return Visit(status(Health.done(Reason.SUCCEEDED, "base published"), **fields), 30.0, events)
+
+
+def _next_auto_round(
+    kube: Kube, federation: FederationConfig, store: ObjectStore, key: str, body: dict[str, Any]
+) -> int | None:
+    """With `autoRounds`, the FederationRound after the newest one once it succeeded
+    (round 0 when there is none), up to `maxRounds`; the number it created, if any."""
+    numbers = [
+        r["spec"]["round"]
+        for r in kube.list_custom(federation.namespace, api.ROUNDS)
+        if r.get("spec", {}).get("federation") == federation.name
+    ]
+    if numbers:
+        top = max(numbers)
+        if not store.exists(federation.layout.result(top)):
+            return None
+        result = read_result(store, federation.layout, top, key).document
+        if result.outcome != Outcome.SUCCEEDED:
+            return None  # a failed round needs a person
+        following = int(top) + 1
+    else:
+        following = 0
+    if federation.max_rounds is not None and following >= federation.max_rounds:
+        return None
+    kube.create(builders.build_auto_round(federation, following, body))
+    return following
 
 
 def _history(store: ObjectStore, layout: Layout, key: str) -> tuple[int | None, int, Any]:

@@ -104,7 +104,7 @@ class Kube:
                 self.core.create_namespaced_service(
                     namespace, cast(Any, obj), _request_timeout=TIMEOUT
                 )
-            elif obj["kind"] == api.ROUNDS:
+            elif obj["kind"] == "FederationRound":
                 self.custom.create_namespaced_custom_object(
                     api.GROUP, api.VERSION, namespace, api.ROUNDS, obj, _request_timeout=TIMEOUT
                 )
