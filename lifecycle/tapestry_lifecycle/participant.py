@@ -7,7 +7,8 @@ both write the same signed receipts through `tapestry_protocol.exchange`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -55,6 +56,9 @@ class PlanView:
     training: JobState = JobState.ABSENT
     training_message: str = ""
     approval: Approval = Approval.PENDING
+    # what its own receipts say, as (reason, message): a finished round keeps reporting
+    # why it was declined or failed after the Job that failed is gone
+    answers: Mapping[ReceiptState, tuple[str, str]] = field(default_factory=dict)
 
 
 class Do(StrEnum):
@@ -91,9 +95,14 @@ def decide(view: PlanView, admission: Admission) -> Next:
     if view.result is not None:
         return _verdict(view.name, view.result.document)
     if ReceiptState.FAILED in view.receipts:
-        return Next(Do.DONE, MemberState.FAILED, Reason.TRAINING_FAILED, view.training_message)
+        _, message = view.answers.get(ReceiptState.FAILED, ("", ""))
+        return Next(
+            Do.DONE, MemberState.FAILED, Reason.TRAINING_FAILED, message or view.training_message
+        )
     if ReceiptState.DECLINED in view.receipts:
-        return Next(Do.DONE, MemberState.DECLINED, Reason.PLAN_REFUSED, "declined")
+        reason, message = view.answers.get(ReceiptState.DECLINED, ("", ""))
+        why = _known(reason, Reason.PLAN_REFUSED)
+        return Next(Do.DONE, MemberState.DECLINED, why, message or "declined")
     if view.uploaded:
         return Next(Do.WAIT, MemberState.UPLOADED, Reason.UPLOADED, "waiting for the result")
     if ReceiptState.ACCEPTED not in view.receipts:
@@ -111,6 +120,14 @@ def decide(view: PlanView, admission: Admission) -> Next:
     if view.training == JobState.RUNNING:
         return Next(Do.WAIT, MemberState.TRAINING, Reason.TRAINING, "training")
     return Next(Do.TRAIN, MemberState.TRAINING, Reason.TRAINING, "starting training")
+
+
+def _known(reason: str, default: Reason) -> Reason:
+    """A reason read back from a receipt, if it is one of ours."""
+    try:
+        return Reason(reason)
+    except ValueError:
+        return default
 
 
 def _admit(view: PlanView, plan: RoundPlan, admission: Admission) -> Next:
@@ -145,7 +162,10 @@ def _verdict(name: str, result: RoundResult) -> Next:
                 rejections.DECLINED: MemberState.DECLINED,
                 rejections.TRAINING_FAILED: MemberState.FAILED,
             }.get(r.reason, MemberState.REJECTED)
-            return Next(Do.DONE, state, Reason.REJECTED, f"{r.reason}: {r.message}")
+            if state == MemberState.REJECTED:  # the merge's reason says what was wrong
+                return Next(Do.DONE, state, Reason.REJECTED, f"{r.reason}: {r.message}")
+            reason = Reason.TRAINING_FAILED if state == MemberState.FAILED else Reason.REJECTED
+            return Next(Do.DONE, state, reason, r.message)  # the state says the reason
     return Next(Do.DONE, MemberState.REJECTED, Reason.REJECTED, "not in the result")
 
 
@@ -175,11 +195,13 @@ def observe_plan(
         refusal = f"{e.reason}: {e.message}"
     if name not in plan.document.names:
         return PlanView(name, now, plan)
-    receipts = frozenset(read_receipts(store, layout, plan, name))
+    answers = read_receipts(store, layout, plan, name)
     uploaded = store.exists(layout.update_manifest(round_number, name))
     result = None
     if store.exists(layout.result(round_number)):
         result = read_result(store, layout, round_number, coordinator_key)
     return PlanView(
-        name, now, plan, refusal, receipts, uploaded, result, training, training_message, approval
-    )
+        name, now, plan, refusal, frozenset(answers), uploaded, result, training,
+        training_message, approval,
+        {s: (r.document.reason, r.document.message) for s, r in answers.items()},
+    )  # fmt: skip

@@ -149,8 +149,13 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
                 events.append(("Normal", Reason.AGGREGATING, f"started Job {job_name}"))
             continue
         break
+    fields = round_fields(view, step.phase)
+    if view.plan is not None:
+        fields["startedAt"] = view.plan.document.issued_at
+    if view.result is not None:
+        fields["completedAt"] = previous.get("completedAt") or now.strftime(RFC3339)
     return Visit(
-        status(_health(step), **round_fields(view, step.phase)),
+        status(_health(step), **fields),
         step.recheck_after.total_seconds() if step.recheck_after else 30.0,
         events,
     )

@@ -1219,6 +1219,12 @@ class Agent:
         self._remove_created_mountpoints()
 
     def _remove_created_mountpoints(self) -> None:
+        """Remove the host paths this agent created as mount points, unless another node
+        agent runs on this host: removing a path that is a mount point in another mount
+        namespace silently detaches that mount, so a running container of another test
+        cluster would lose its volume."""
+        if _other_agents_running():
+            return
         try:
             paths = set(self.created_log.read_text().split())
         except FileNotFoundError:
@@ -1230,6 +1236,18 @@ class Agent:
                     path.rmdir()
                 elif path.is_file() and path.stat().st_size == 0:
                     path.unlink()
+
+
+def _other_agents_running() -> bool:
+    """Whether a node agent other than this process runs on this host."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"tests.kube.node_agent" in argv:
+                return True
+    return False
 
 
 # -- kubelet log endpoint ------------------------------------------------------------

@@ -138,7 +138,7 @@ CASES = [
     Case(
         "rejected-as-late",
         view(receipts=ACCEPTED, result=make_result({OTHER: 1.0}, {ME: rejections.LATE})),
-        Do.DONE, MemberState.LATE, Reason.REJECTED, message=rejections.LATE,
+        Do.DONE, MemberState.LATE, Reason.REJECTED, message="why it was refused",
     ),
     Case(
         "late-even-while-its-job-still-runs",
@@ -162,7 +162,7 @@ CASES = [
             receipts=receipts(ReceiptState.ACCEPTED, ReceiptState.FAILED),
             result=make_result({OTHER: 1.0}, {ME: rejections.TRAINING_FAILED}),
         ),
-        Do.DONE, MemberState.FAILED, Reason.REJECTED,
+        Do.DONE, MemberState.FAILED, Reason.TRAINING_FAILED,
     ),
     Case(
         "rejected-by-the-merge",
