@@ -90,8 +90,7 @@ def _bounded_get(store: ObjectStore, key: str, where: str) -> bytes:
     if len(data) > jsonsafe.MAX_DOCUMENT_BYTES:
         raise Rejected(
             rejections.MALFORMED_DOCUMENT,
-            f"{where} is larger than the {jsonsafe.MAX_DOCUMENT_BYTES >> 20} MiB a document "
-            "may be",
+            f"{where} is larger than the {jsonsafe.MAX_DOCUMENT_BYTES >> 20} MiB a document may be",
         )
     return data
 

@@ -149,9 +149,7 @@ def test_job_fails_after_backoff_limit(kube: Kube) -> None:
 def test_termination_message_and_pod_failure_policy(kube: Kube) -> None:
     """The container's termination log reaches its status, as the operator reads it,
     and an exit code named in podFailurePolicy fails the Job without retries."""
-    code = (
-        "import sys; open('/dev/termination-log', 'w').write('refused: bad plan'); sys.exit(3)"
-    )
+    code = "import sys; open('/dev/termination-log', 'w').write('refused: bad plan'); sys.exit(3)"
     manifest = job("refusing", code, backoff_limit=4)
     manifest["spec"]["podFailurePolicy"] = {
         "rules": [
