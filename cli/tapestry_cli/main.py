@@ -238,6 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--out", type=Path, default=Path("."), help="directory for the files")
     create.set_defaults(run=_keys_create)
 
+    base = sub.add_parser("base", help="the shared model's round-0 base").add_subparsers(
+        metavar="ACTION", required=True
+    )
+    publish = base.add_parser(
+        "publish",
+        help="publish your own weights as round 0's base, instead of a preset's initialisation",
+    )
+    publish.add_argument(
+        "weights", type=Path, help=".safetensors of float32 tensors, named as the model's state"
+    )
+    publish.add_argument("--store", required=True, help=STORE_HELP)
+    publish.add_argument("--federation", required=True, type=federation_name)
+    publish.add_argument(
+        "--key", type=Path, required=True, help="coordinator signing key file or dir"
+    )
+    publish.add_argument(
+        "--model-spec",
+        required=True,
+        help="what the trainer builds (ModelSpec JSON text or file), e.g. "
+        '\'{"kind": "gpt", "gpt": {...}, "seed": 0}\'',
+    )
+    publish.add_argument("--shard-mib", type=int, default=64, help="shard size (default: 64)")
+    publish.set_defaults(run=_base_publish)
+
     rounds = sub.add_parser("rounds", help="inspect rounds in a store").add_subparsers(
         metavar="ACTION", required=True
     )
@@ -298,6 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agg.set_defaults(run=_aggregate)
     return parser
+
+
+def _base_publish(args: argparse.Namespace) -> int:
+    """Round 0's base from the user's weights; prints what spec.model.initialBase names."""
+    from tapestry_protocol.exchange import COORDINATOR, publish_model
+    from tapestry_protocol.layout import Layout
+    from tapestry_protocol.shards import ShardFormatError, decode_safetensors, plan_shards
+    from tapestry_protocol.signing import load_signing_key
+    from tapestry_trainer.specs import model_spec_arg
+
+    try:
+        signer = load_signing_key(COORDINATOR, args.key)
+        spec = model_spec_arg(args.model_spec)
+        tensors, _ = decode_safetensors(args.weights.read_bytes())
+    except OSError as e:
+        raise UsageError(f"cannot read {args.weights}: {e.strerror}") from None
+    except (ValueError, argparse.ArgumentTypeError, ShardFormatError) as e:
+        raise UsageError(str(e)) from None
+    if args.shard_mib < 1:
+        raise UsageError(f"--shard-mib must be at least 1, got {args.shard_mib}")
+    wrong = sorted(name for name, t in tensors.items() if t.dtype != "F32")
+    if wrong:
+        raise UsageError(f"{args.weights}: tensors must be float32 (F32); not {wrong[:3]}")
+    arrays = {name: t.array for name, t in tensors.items()}
+    groups = plan_shards([(n, a.nbytes) for n, a in arrays.items()], args.shard_mib << 20)
+    layout = Layout(args.federation)
+    base = publish_model(_open(args), layout, 0, arrays, groups, signer, model=spec.to_dict())
+    console.print(f"round 0 base published: {base.key}")
+    print(f"initialBase: {{manifest: {base.key}, sha256: {base.sha256}}}")
+    return EXIT_OK
 
 
 def _keys_create(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from tapestry_aggregator.strategy import Strategy
 from tapestry_protocol import pod
+from tapestry_protocol.documents import Ref
 from tapestry_protocol.layout import Layout
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
@@ -91,6 +92,7 @@ class FederationConfig:
     preset: str
     seed: int
     trainer_image: str
+    initial_base: Ref | None
     strategy: Strategy
     defaults: dict[str, Any]
     encoding: str
@@ -134,6 +136,7 @@ class FederationConfig:
             preset=model["preset"],
             seed=model["seed"],
             trainer_image=model["trainerImage"],
+            initial_base=Ref.from_json(model.get("initialBase")),
             strategy=strategy,
             defaults={k: defaults[k] for k in HYPERPARAMETERS if k in defaults},
             encoding=defaults["encoding"],

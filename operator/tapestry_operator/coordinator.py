@@ -120,6 +120,11 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
             store, layout, config.round, key, now, job.state, job.message
         )
         base = None if view.plan else round_base(store, layout, config.round, key)
+        pinned = federation.initial_base
+        if base is not None and config.round == 0 and pinned and base.sha256 != pinned.sha256:
+            message = f"round 0's base is not the spec.model.initialBase {pinned.sha256[:16]}…"
+            health = Health.failed(Reason.INVALID_SPEC, message)
+            return Visit(status(health, phase=RoundPhase.FAILED), 60.0)
         step = lifecycle.decide(
             view, suspended=config.suspend, base_ready=view.plan is not None or base is not None,
             poll=POLL,
@@ -248,6 +253,19 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
     layout = federation.layout
     key = signer.public_key_text
     events: list[tuple[str, str, str]] = []
+    initial = federation.initial_base
+    if initial is not None and initial.manifest != layout.base_manifest(0):
+        message = (
+            f"spec.model.initialBase.manifest must be {layout.base_manifest(0)} (round 0's "
+            f"base of federation {federation.name}), not {initial.manifest}"
+        )
+        return Visit(status(Health.failed(Reason.INVALID_SPEC, message)), 60.0)
+    if initial is not None and not store.exists(initial.manifest):
+        message = (
+            f"waiting for round 0's base at {initial.manifest}: publish it with "
+            "`tapestry base publish`"
+        )
+        return Visit(status(Health.working(Reason.WAITING_FOR_BASE, message)), 15.0)
     if not store.exists(layout.base_manifest(0)):
         job_name = builders.bootstrap_job_name(federation.name)
         job = kube.job_status(federation.namespace, job_name)
@@ -259,9 +277,10 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
         message = f"publishing round 0's base from preset {federation.preset}"
         return Visit(status(Health.working(Reason.WAITING_FOR_BASE, message)), 5.0, events)
     try:
-        base = read_model(store, layout, layout.base_manifest(0), key)
+        expected = initial.sha256 if initial is not None else None
+        base = read_model(store, layout, layout.base_manifest(0), key, expected_sha256=expected)
     except Rejected as e:
-        message = f"round 0's base does not verify with the coordinator key: {e}"
+        message = f"round 0's base does not verify: {e}"
         return Visit(status(Health.failed(Reason.INVALID_SPEC, message)), 60.0)
     latest, succeeded, newest = _history(store, layout, key)
     fields: dict[str, Any] = {"roundsSucceeded": succeeded}

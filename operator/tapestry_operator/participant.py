@@ -101,6 +101,8 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
             "hyperparameters": plan.hyperparameters,
             "deadline": plan.deadline,
         }
+        if (previous.get("awaitingApproval") or {}).get("round") != plan.round:
+            events.append(("Normal", Reason.AWAITING_APPROVAL, step.message))  # once a round
     else:
         fields["awaitingApproval"] = None
     return Visit(status(_health(step), **fields), poll, events)
@@ -153,8 +155,6 @@ def _act(
         )
         events.append(("Warning", Reason.TRAINING_FAILED, f"round {round_number}: {step.message}"))
         return True
-    if step.do == Do.AWAIT_APPROVAL and view.approval == Approval.PENDING:
-        events.append(("Normal", Reason.AWAITING_APPROVAL, step.message))
     return False
 
 
