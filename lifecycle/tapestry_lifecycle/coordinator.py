@@ -90,12 +90,12 @@ def member_states(view: RoundView) -> dict[str, MemberState]:
         answers = view.answers.get(name, frozenset())
         if name in merged:
             states[name] = MemberState.MERGED
-        elif rejections.LATE in (refused.get(name), closed_out.get(name)):
-            states[name] = MemberState.LATE
         elif ReceiptState.FAILED in answers and name not in view.uploaded:
-            states[name] = MemberState.FAILED
+            states[name] = MemberState.FAILED  # its signed answer, even if it came late
         elif ReceiptState.DECLINED in answers and name not in view.uploaded:
             states[name] = MemberState.DECLINED
+        elif rejections.LATE in (refused.get(name), closed_out.get(name)):
+            states[name] = MemberState.LATE
         elif name in refused:
             states[name] = MemberState.REJECTED
         elif name in view.uploaded:

@@ -93,7 +93,11 @@ def decide(view: PlanView, admission: Admission) -> Next:
     if view.name not in plan.names:
         return Next(Do.IGNORE, MemberState.PLANNED, Reason.NOT_A_MEMBER, "not named in the plan")
     if view.result is not None:
-        return _verdict(view.name, view.result.document)
+        verdict = _verdict(view.name, view.result.document)
+        if verdict.state != MemberState.LATE or not view.receipts & _ANSWERED_NO:
+            return verdict
+        # It answered no, but only as the round closed (e.g. at the deadline): its own
+        # signed receipt says more than "late".
     if ReceiptState.FAILED in view.receipts:
         _, message = view.answers.get(ReceiptState.FAILED, ("", ""))
         return Next(
@@ -120,6 +124,9 @@ def decide(view: PlanView, admission: Admission) -> Next:
     if view.training == JobState.RUNNING:
         return Next(Do.WAIT, MemberState.TRAINING, Reason.TRAINING, "training")
     return Next(Do.TRAIN, MemberState.TRAINING, Reason.TRAINING, "starting training")
+
+
+_ANSWERED_NO = frozenset({ReceiptState.FAILED, ReceiptState.DECLINED})
 
 
 def _known(reason: str, default: Reason) -> Reason:

@@ -382,6 +382,14 @@ MEMBER_CASES = [
         excluded=rejections.TRAINING_FAILED, refused=rejections.TRAINING_FAILED,
     ),
     MemberCase(
+        "declined-as-the-round-closed-is-declined-not-late", MemberState.DECLINED, DECLINED,
+        excluded=rejections.LATE, refused=rejections.LATE,
+    ),
+    MemberCase(
+        "failed-as-the-round-closed-is-failed-not-late", MemberState.FAILED, FAILED,
+        excluded=rejections.LATE, refused=rejections.LATE,
+    ),
+    MemberCase(
         "rejected-by-the-merge", MemberState.REJECTED, ACCEPTED, uploaded=True,
         refused=rejections.HASH_MISMATCH,
     ),

@@ -136,6 +136,15 @@ CASES = [
         Do.DONE, MemberState.MERGED, Reason.MERGED, message="0.6250", weight=0.625,
     ),
     Case(
+        "declined-as-the-round-closed-shows-its-own-answer-not-late",
+        view(
+            receipts=receipts(ReceiptState.DECLINED),
+            answers={ReceiptState.DECLINED: ("DeadlinePassed", "the deadline passed")},
+            result=make_result({OTHER: 1.0}, {ME: rejections.LATE}),
+        ),
+        Do.DONE, MemberState.DECLINED, Reason.DEADLINE_PASSED, message="the deadline passed",
+    ),
+    Case(
         "rejected-as-late",
         view(receipts=ACCEPTED, result=make_result({OTHER: 1.0}, {ME: rejections.LATE})),
         Do.DONE, MemberState.LATE, Reason.REJECTED, message="why it was refused",
