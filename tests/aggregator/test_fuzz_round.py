@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pytest
 import safetensors
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given
 from hypothesis import strategies as st
 
 from tapestry_aggregator.merge import MAX_DELTA_NORM, aggregate_round
@@ -86,14 +86,9 @@ from tapestry_protocol.shards import (
 )
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import FilesystemStore, ObjectStore
+from tests.fuzz import fuzz_settings
 
-FUZZ = settings(
-    max_examples=int(os.environ.get("TAPESTRY_FUZZ_EXAMPLES", "25")),
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(25, HealthCheck.function_scoped_fixture)
 
 FEDERATION = "fuzz"
 COORDINATOR_KEY = SigningKey.generate(COORDINATOR)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import struct
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given
 from hypothesis import strategies as st
 
 from tapestry_protocol import documents, jsonsafe
@@ -33,14 +32,9 @@ from tapestry_protocol.shards import (
     decode_safetensors,
     encode_safetensors,
 )
+from tests.fuzz import fuzz_settings
 
-FUZZ = settings(
-    max_examples=int(os.environ.get("TAPESTRY_FUZZ_EXAMPLES", "200")),
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(200, HealthCheck.data_too_large)
 
 DTYPES = {
     "F64": "<f8",
