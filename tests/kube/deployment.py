@@ -77,6 +77,8 @@ class Setup:
     round: Obj = field(default_factory=dict)  # demo-round-0's spec patch
     round_defaults: Obj = field(default_factory=dict)  # on top of FAST
     apply_round: bool = True  # apply demo-round-0 with the rest
+    isolated: bool = True  # suffix namespaces and bucket, so tests share nothing
+    fast: bool = True  # FAST round defaults instead of the example's
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -229,13 +231,14 @@ def deploy(
     (unless TAPESTRY_KUBE_KEEP=1) when the block ends."""
     setup = setup or Setup()
     client = cluster.client()
-    suffix = f"-{uuid.uuid4().hex[:6]}"
+    suffix = f"-{uuid.uuid4().hex[:6]}" if setup.isolated else ""
     store = open_store(minio.url_for(f"{setup.bucket}{suffix}"), create=True)
     keys = Keys.generate(setup.members)
     install_crds(cluster.kubeconfig)
+    defaults = {**(FAST if setup.fast else {}), **setup.round_defaults}
     docs = render_example(
         _example_docs(setup), keys, minio.endpoint, bucket=f"{setup.bucket}{suffix}",
-        suffix=suffix, overrides={**FAST, **setup.round_defaults},
+        suffix=suffix, overrides=defaults,
     )  # fmt: skip
     for i, doc in enumerate(docs):
         name = doc["metadata"]["name"]

@@ -137,7 +137,11 @@ def test_minimal_objects_are_accepted_with_their_defaults(kube: Kube, crds: None
     assert stored is not None and stored["spec"] == created["spec"]
     spec = stored["spec"]
     assert spec["store"] == {**STORE, "prefix": ""}
-    assert spec["model"] == {"preset": "tiny", "seed": 0}
+    assert spec["model"] == {
+        "trainerImage": "ghcr.io/tapestry-dev/tapestry-trainer:0.1.0-cpu",
+        "preset": "tiny",
+        "seed": 0,
+    }
     assert spec["aggregation"] == {
         "optimizer": "diloco",
         "momentum": 0.9,
@@ -172,6 +176,7 @@ def test_minimal_objects_are_accepted_with_their_defaults(kube: Kube, crds: None
         "image": "ghcr.io/tapestry-dev/tapestry-trainer:0.1.0-cpu",
         "nodes": 1,
         "gpusPerNode": 0,
+        "rendezvousPort": 29500,
         "shmSize": "1Gi",
     }
     assert spec["data"] == {"pvc": "corpus", "path": ""}
@@ -203,6 +208,7 @@ def test_a_full_participant_round_trips(kube: Kube, crds: None) -> None:
             ],
             "priorityClassName": "training",
             "kueueQueue": "team-a",
+            "rendezvousPort": 23456,
             "shmSize": "16Gi",
         },
         "data": {
