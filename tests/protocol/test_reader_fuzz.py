@@ -408,11 +408,11 @@ def _loads(data: bytes, max_depth: int = 8) -> Any:
     return jsonsafe.loads(data, max_bytes=1 << 16, max_depth=max_depth, what="doc")
 
 
-DEEP_VALUES = st.recursive(
-    SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=2),
-    max_leaves=30,
-)
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=2)
+
+
+DEEP_VALUES = st.recursive(SCALARS, _nested, max_leaves=30)
 
 
 @FUZZ
