@@ -292,7 +292,8 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
         started = _next_auto_round(kube, federation, store, key, body)
         if started is not None:
             events.append(("Normal", Reason.PLAN_PUBLISHED, f"started round {started}"))
-    return Visit(status(Health.done(Reason.SUCCEEDED, "base published"), **fields), 30.0, events)
+    again = 10.0 if federation.auto_rounds else 30.0  # rounds follow each other promptly
+    return Visit(status(Health.done(Reason.SUCCEEDED, "base published"), **fields), again, events)
 
 
 def _next_auto_round(

@@ -8,6 +8,8 @@ the store and verifies; a second round trains from it.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tapestry_protocol.exchange import read_model, read_plan, read_result
@@ -54,3 +56,19 @@ def test_two_rounds_on_one_cluster(deployment: Deployment) -> None:
     plan = read_plan(d.store, layout, 1, key).document
     assert plan.base.sha256 == result.next_base.sha256  # round 1 trained from round 0's base
     assert read_result(d.store, layout, 1, key).document.next_base is not None
+
+    # autoRounds: the next round starts by itself once the newest one succeeds, up to
+    # maxRounds (rounds 0..2 here), and no further.
+    federation = d.client.get(f"/apis/{API}/namespaces/{d.coordinator_ns}/federations/demo")
+    federation["spec"]["autoRounds"] = {"enabled": True, "maxRounds": 3}
+    d.client.apply({k: federation[k] for k in ("apiVersion", "kind", "spec")} | {
+        "metadata": {"name": "demo", "namespace": d.coordinator_ns},
+    })  # fmt: skip
+    automatic = d.wait_round("demo-round-2", "Succeeded")  # created by the operator
+    assert automatic["metadata"]["ownerReferences"][0]["kind"] == "Federation"
+    second = read_result(d.store, layout, 1, key).document.next_base
+    assert second is not None
+    assert read_plan(d.store, layout, 2, key).document.base.sha256 == second.sha256
+    time.sleep(12)  # more than one Federation visit: still no round 3
+    rounds = d.client.get(f"/apis/{API}/namespaces/{d.coordinator_ns}/federationrounds")
+    assert sorted(r["spec"]["round"] for r in rounds["items"]) == [0, 1, 2]
