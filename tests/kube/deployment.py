@@ -77,6 +77,9 @@ class Setup:
     round: Obj = field(default_factory=dict)  # demo-round-0's spec patch
     round_defaults: Obj = field(default_factory=dict)  # on top of FAST
     apply_round: bool = True  # apply demo-round-0 with the rest
+    # Called with the store and the keys before anything is applied; returns a patch of
+    # the Federation's spec (e.g. an initialBase the test published).
+    prepare: Callable[[ObjectStore, Keys], Obj] | None = None
     isolated: bool = True  # suffix namespaces and bucket, so tests share nothing
     fast: bool = True  # FAST round defaults instead of the example's
 
@@ -240,8 +243,11 @@ def deploy(
         _example_docs(setup), keys, minio.endpoint, bucket=f"{setup.bucket}{suffix}",
         suffix=suffix, overrides=defaults,
     )  # fmt: skip
+    federation = setup.prepare(store, keys) if setup.prepare else {}
     for i, doc in enumerate(docs):
         name = doc["metadata"]["name"]
+        if doc["kind"] == "Federation" and federation:
+            docs[i] = merge(doc, {"spec": federation})
         if doc["kind"] == "Participant" and name in setup.participants:
             docs[i] = merge(doc, {"spec": setup.participants[name]})
         if doc["kind"] == "FederationRound" and setup.round:

@@ -12,11 +12,16 @@ import time
 
 import pytest
 
-from tapestry_protocol.exchange import read_model, read_plan, read_result
+from tapestry_protocol.exchange import publish_model, read_model, read_plan, read_result
 from tapestry_protocol.layout import Layout
+from tapestry_protocol.shards import DEFAULT_SHARD_BYTES, plan_shards
+from tapestry_protocol.store import ObjectStore
+from tapestry_trainer.baseline import initial_arrays
+from tapestry_trainer.specs import ModelSpec
 from tests.kube import deployment as shared
-from tests.kube.deployment import MEMBERS, Deployment
-from tests.kube.tapestry_env import API, EXAMPLE, kubectl, load_yaml, render_example
+from tests.kube.client import Obj
+from tests.kube.deployment import MEMBERS, Deployment, Setup
+from tests.kube.tapestry_env import API, EXAMPLE, Keys, kubectl, load_yaml, render_example
 
 deployment = shared.deployment  # the shared fixture: the example, deployed per Setup
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.torch, pytest.mark.slow]
@@ -72,3 +77,25 @@ def test_two_rounds_on_one_cluster(deployment: Deployment) -> None:
     time.sleep(12)  # more than one Federation visit: still no round 3
     rounds = d.client.get(f"/apis/{API}/namespaces/{d.coordinator_ns}/federationrounds")
     assert sorted(r["spec"]["round"] for r in rounds["items"]) == [0, 1, 2]
+
+
+def _own_base(store: ObjectStore, keys: Keys) -> Obj:
+    """Round 0's base published by the user (as `tapestry base publish` does), not by
+    the bootstrap Job: other weights than the preset's seed 0 would give."""
+    spec = ModelSpec.preset("tiny", seed=7)
+    arrays = initial_arrays(spec)
+    groups = plan_shards([(n, a.nbytes) for n, a in arrays.items()], DEFAULT_SHARD_BYTES)
+    base = publish_model(store, Layout("demo"), 0, arrays, groups, keys.coordinator,
+                         model=spec.to_dict())  # fmt: skip
+    return {"model": {"initialBase": {"manifest": base.key, "sha256": base.sha256}}}
+
+
+@pytest.mark.parametrize("deployment", [Setup(bucket="own", prepare=_own_base)], indirect=True)
+def test_round_0_trains_from_a_base_the_user_published(deployment: Deployment) -> None:
+    d = deployment
+    d.wait_round("demo-round-0", "Succeeded")
+    key = d.keys.coordinator.public_key_text
+    own = d.client.get(f"/apis/{API}/namespaces/{d.coordinator_ns}/federations/demo")
+    pinned = own["spec"]["model"]["initialBase"]
+    assert read_plan(d.store, Layout("demo"), 0, key).document.base.sha256 == pinned["sha256"]
+    assert d.job(d.coordinator_ns, "demo-bootstrap") is None  # nothing initialised a preset
