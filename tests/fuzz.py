@@ -9,6 +9,22 @@ from hypothesis import HealthCheck, settings
 
 BUDGET_ENV = "TAPESTRY_FUZZ_EXAMPLES"
 
+# The safetensors dtypes the protocol's reader knows, as NumPy type codes: written out
+# here, independently of the reader, so the tests check it against the format itself.
+SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
 
 def fuzz_settings(default_examples: int, *allowed: HealthCheck) -> settings:
     """Reproducible settings: the same examples on every run, none stored on disk."""

@@ -265,12 +265,19 @@ def build_training_job(
     }
     if config.kueue_queue:
         spec["suspend"] = True  # Kueue admits the Job by unsuspending it
+    return _job(name, config.namespace, job_labels, owner, spec)
+
+
+def _job(
+    name: str, namespace: str, job_labels: dict[str, str], owner: Mapping[str, Any], spec: Obj
+) -> Obj:
+    """A Job owned by `owner` (deleting the resource collects it)."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
-            "namespace": config.namespace,
+            "namespace": namespace,
             "labels": job_labels,
             "ownerReferences": [owner_reference(owner)],
         },
@@ -322,21 +329,12 @@ def _coordinator_job(
     }
     if config.aggregator_service_account:
         pod_spec["serviceAccountName"] = config.aggregator_service_account
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": config.namespace,
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": {
-            "backoffLimit": JOB_BACKOFF_LIMIT,
-            "podFailurePolicy": _pod_failure_policy(component),
-            "template": {"metadata": {"labels": dict(job_labels)}, "spec": pod_spec},
-        },
+    spec = {
+        "backoffLimit": JOB_BACKOFF_LIMIT,
+        "podFailurePolicy": _pod_failure_policy(component),
+        "template": {"metadata": {"labels": dict(job_labels)}, "spec": pod_spec},
     }
+    return _job(name, config.namespace, job_labels, owner, spec)
 
 
 def build_aggregator_job(

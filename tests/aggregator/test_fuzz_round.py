@@ -86,7 +86,7 @@ from tapestry_protocol.shards import (
 )
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import FilesystemStore, ObjectStore
-from tests.fuzz import fuzz_settings
+from tests.fuzz import SAFETENSORS_DTYPES, fuzz_settings
 
 FUZZ = fuzz_settings(25, HealthCheck.function_scoped_fixture)
 
@@ -109,19 +109,7 @@ deserialize: Callable[[bytes], list[tuple[str, dict[str, Any]]]] = safetensors.d
 FORMAT = frozenset({rejections.MALFORMED_DOCUMENT, rejections.TENSOR_MISMATCH})
 MALFORMED = frozenset({rejections.MALFORMED_DOCUMENT})
 # The dtypes our reader knows, as the reference library names them.
-NUMPY_DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "BF16": "<u2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-}
+NUMPY_DTYPES = SAFETENSORS_DTYPES
 
 
 def groups() -> list[list[str]]:

@@ -32,23 +32,11 @@ from tapestry_protocol.shards import (
     decode_safetensors,
     encode_safetensors,
 )
-from tests.fuzz import fuzz_settings
+from tests.fuzz import SAFETENSORS_DTYPES, fuzz_settings
 
 FUZZ = fuzz_settings(200, HealthCheck.data_too_large)
 
-DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "BF16": "<u2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-}
+DTYPES = SAFETENSORS_DTYPES
 # Every dtype safetensors knows that a test here writes, with its item size: ours plus
 # some we never write (the reference's NumPy loader reads U64, U32 and C64 but not F8).
 ITEMSIZES = {name: np.dtype(code).itemsize for name, code in DTYPES.items()} | {
