@@ -84,6 +84,8 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
             **fields,
         }
 
+    if _settled(previous, config.generation):
+        return Visit(previous, SETTLED_RECHECK_S)  # its result is write-once: nothing to read
     fed_body = kube.get_custom(config.namespace, api.FEDERATIONS, config.federation)
     if fed_body is None:
         message = f"Federation {config.federation!r} does not exist in {config.namespace}"
@@ -163,6 +165,20 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
         status(_health(step), **fields),
         step.recheck_after.total_seconds() if step.recheck_after else 30.0,
         events,
+    )
+
+
+SETTLED_RECHECK_S = 300.0
+
+
+def _settled(status: dict[str, Any], generation: int) -> bool:
+    """A round whose signed result is recorded for the current spec: it cannot change, so
+    a visit need not read the store again (the participants' and members' many reads
+    would otherwise repeat for every finished round)."""
+    return (
+        status.get("observedGeneration") == generation
+        and status.get("phase") in (RoundPhase.SUCCEEDED, RoundPhase.FAILED)
+        and "result" in status
     )
 
 

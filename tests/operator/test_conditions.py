@@ -12,6 +12,7 @@ import pytest
 
 from tapestry_lifecycle.states import READY, RECONCILING, STALLED, Reason
 from tapestry_operator.conditions import Health, conditions
+from tapestry_operator.coordinator import SETTLED_RECHECK_S, reconcile_round
 from tests.operator.crd_defaults import schema
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -128,3 +129,28 @@ def test_conditions_validate_against_the_crd_status_schema() -> None:
             for health in (Health.working, Health.done, Health.failed, Health.idle):
                 items = conditions(items, health(reason, f"{reason} happened"), 7, T1)
                 validator.validate(items)
+
+
+class _NoCluster:
+    """Any API call fails the test: a settled round must not need one."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"a settled round called the API ({name})")
+
+
+def test_a_settled_round_is_not_read_again() -> None:
+    status = {
+        "observedGeneration": 2,
+        "phase": "Succeeded",
+        "result": {"outcome": "Succeeded", "message": "merged 3 of 3 updates"},
+    }
+    body = {
+        "metadata": {"name": "r0", "namespace": "c", "generation": 2},
+        "spec": {"federation": "demo", "round": 0, "suspend": False},
+        "status": status,
+    }
+    visit = reconcile_round(_NoCluster(), body, datetime(2030, 1, 1, tzinfo=UTC))  # type: ignore[arg-type]
+    assert visit.status == status and visit.after == SETTLED_RECHECK_S
+    body["metadata"]["generation"] = 3  # a new spec is looked at again
+    with pytest.raises(AssertionError, match="called the API"):
+        reconcile_round(_NoCluster(), body, datetime(2030, 1, 1, tzinfo=UTC))  # type: ignore[arg-type]
