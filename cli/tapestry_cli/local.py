@@ -217,6 +217,7 @@ class Federation:
     # -- the coordinator's side ---------------------------------------------------------
 
     def _plan(self, store: Any, coordinator: Any, round_number: int, base: Any) -> None:
+        from tapestry_protocol.documents import rfc3339
         from tapestry_protocol.exchange import make_plan, publish_plan
         from tapestry_protocol.store import ObjectExists
 
@@ -229,7 +230,7 @@ class Federation:
             hyperparameters=self.config.to_dict(),
             participants=keys,
             min_participants=max(1, (len(self.people) + 1) // 2),
-            deadline=(datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            deadline=rfc3339(datetime.now(UTC) + timedelta(hours=1)),
             encoding=self.args.encoding,
         )
         with contextlib.suppress(ObjectExists):  # a re-run: the round was planned before

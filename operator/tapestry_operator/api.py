@@ -12,7 +12,6 @@ PARTICIPANTS = "participants"
 
 FINALIZER = f"{GROUP}/finalizer"
 ANNOTATION_PREFIX = GROUP  # Kopf's progress and diff-base annotations live under it
-FIELD_MANAGER = "tapestry-operator"
 
 # Labels on every child object.
 LABEL_NAME = "app.kubernetes.io/name"

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from tapestry_lifecycle.states import READY, RECONCILING, STALLED
+from tapestry_protocol.documents import rfc3339
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def conditions(
     previous: Sequence[Mapping[str, Any]] | None, health: Health, generation: int, now: datetime
 ) -> list[dict[str, Any]]:
     """The new condition list; other condition types set by others are kept."""
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = rfc3339(now)
     old = {c.get("type"): c for c in previous or []}
     wanted = {
         READY: health.ready,

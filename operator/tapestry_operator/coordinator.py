@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from tapestry_lifecycle import coordinator as lifecycle
@@ -21,7 +21,7 @@ from tapestry_operator.config import FederationConfig, RoundConfig
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
 from tapestry_protocol import rejections
-from tapestry_protocol.documents import Outcome
+from tapestry_protocol.documents import Outcome, rfc3339
 from tapestry_protocol.exchange import (
     COORDINATOR,
     close_round,
@@ -37,7 +37,6 @@ from tapestry_protocol.store import ObjectExists, ObjectStore
 
 log = logging.getLogger(__name__)
 POLL = timedelta(seconds=5)
-RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass
@@ -138,7 +137,7 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
                 hyperparameters=config.hyperparameters(federation),
                 participants=federation.members,
                 min_participants=quorum,
-                deadline=(now + (config.deadline or federation.deadline)).strftime(RFC3339),
+                deadline=rfc3339(now + (config.deadline or federation.deadline)),
                 encoding=config.encoding or federation.encoding,
             )  # fmt: skip
             try:
@@ -160,7 +159,7 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
     if view.plan is not None:
         fields["startedAt"] = view.plan.document.issued_at
     if view.result is not None:
-        fields["completedAt"] = previous.get("completedAt") or now.strftime(RFC3339)
+        fields["completedAt"] = previous.get("completedAt") or rfc3339(now)
     return Visit(
         status(_health(step), **fields),
         step.recheck_after.total_seconds() if step.recheck_after else 30.0,
@@ -356,7 +355,3 @@ def _history(store: ObjectStore, layout: Layout, key: str) -> tuple[int | None, 
                 newest = result.next_base
         r += 1
     return latest, succeeded, newest
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

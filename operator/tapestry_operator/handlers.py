@@ -27,12 +27,6 @@ ERROR_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
 ROLES = ("coordinator", "participant", "both")
 
 
-class Metrics:
-    """Counters the operator exposes (reconcile errors by resource)."""
-
-    errors: dict[str, int] = {}  # noqa: RUF012 - one process-wide table
-
-
 async def _run(
     reconcile: Reconcile,
     plural: str,
@@ -59,12 +53,10 @@ async def _run(
             failures += 1
             delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
             logger.warning("store unavailable, retrying in %.0fs: %s", delay, e)
-            Metrics.errors[plural] = Metrics.errors.get(plural, 0) + 1
         except Exception:
             failures += 1
             delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
             logger.exception("reconcile failed, retrying in %.0fs", delay)
-            Metrics.errors[plural] = Metrics.errors.get(plural, 0) + 1
         generation = meta.get("generation")
         # Sleep until the lifecycle wants another look, or the spec changes.
         waited = 0.0

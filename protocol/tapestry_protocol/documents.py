@@ -100,8 +100,13 @@ def _is_datetime(value: object) -> bool:
     return True
 
 
+def rfc3339(when: datetime) -> str:
+    """The one timestamp form documents and statuses use: UTC, whole seconds, `Z`."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(UTC))
 
 
 def parse_time(value: str) -> datetime:

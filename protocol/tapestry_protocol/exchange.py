@@ -8,7 +8,7 @@ and each shard's size and sha256 before using any byte of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic
@@ -32,6 +32,7 @@ from tapestry_protocol.documents import (
     UpdateManifest,
     check_identity,
     now_rfc3339,
+    rfc3339,
 )
 from tapestry_protocol.layout import MANIFEST, Layout, shard_name
 from tapestry_protocol.rejections import Rejected
@@ -76,23 +77,22 @@ def read_document(
     """The typed document at `key`, its raw JSON (to verify) and the sha256 of its bytes."""
     where = where or key
     data = _bounded_get(store, key, where)
-    document, raw = documents.load(data, cls, where)
-    return document, raw, sha256_hex(data)
-
-
-def _bounded_get(store: ObjectStore, key: str, where: str) -> bytes:
-    """A document's bytes, read no further than the size limit: a participant's huge
-    manifest costs the reader one limit's worth of memory, then is refused."""
-    try:
-        data = store.get(key, length=jsonsafe.MAX_DOCUMENT_BYTES + 1)
-    except ObjectNotFound:
-        raise Rejected(rejections.MISSING_MANIFEST, f"{where} does not exist") from None
     if len(data) > jsonsafe.MAX_DOCUMENT_BYTES:
         raise Rejected(
             rejections.MALFORMED_DOCUMENT,
             f"{where} is larger than the {jsonsafe.MAX_DOCUMENT_BYTES >> 20} MiB a document may be",
         )
-    return data
+    document, raw = documents.load(data, cls, where)
+    return document, raw, sha256_hex(data)
+
+
+def _bounded_get(store: ObjectStore, key: str, where: str) -> bytes:
+    """A document's bytes, read no further than one byte past the size limit: a
+    participant's huge manifest costs a reader one limit's worth of memory."""
+    try:
+        return store.get(key, length=jsonsafe.MAX_DOCUMENT_BYTES + 1)
+    except ObjectNotFound:
+        raise Rejected(rejections.MISSING_MANIFEST, f"{where} does not exist") from None
 
 
 def _read_signed(
@@ -504,12 +504,10 @@ def committed_updates(
     out: dict[str, str] = {}
     for name in names:
         key = layout.update_manifest(round_number, name)
-        try:
+        try:  # an oversized manifest is included here and refused by the merge
             out[name] = sha256_hex(_bounded_get(store, key, key))
-        except Rejected as e:
-            if e.reason == rejections.MISSING_MANIFEST:
-                continue
-            out[name] = "0" * 64  # too large: included, and refused by the merge (no match)
+        except Rejected:
+            continue  # none committed
     return out
 
 
@@ -527,7 +525,7 @@ def build_close(
     still verifies it); the others are excluded with what their receipts say."""
     included: list[Included] = []
     excluded: list[Excluded] = []
-    when = closed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = rfc3339(closed_at)
     for name in sorted(plan.document.names):
         if name in updates:
             included.append(Included(name, updates[name]))
@@ -613,8 +611,3 @@ def read_result(
 ) -> Verified[RoundResult]:
     key = layout.result(round_number)
     return _read_signed(store, layout, key, RoundResult, round_number, COORDINATOR, coordinator_key)
-
-
-def rounds(store: ObjectStore, layout: Layout) -> Iterator[int]:
-    """Round numbers that have any object in the store, in order."""
-    yield from layout.round_numbers([info.key for info in store.list(layout.rounds_prefix())])

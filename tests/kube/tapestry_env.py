@@ -158,11 +158,6 @@ def render_example(
     return out
 
 
-def apply_all(client: KubeClient, docs: Iterable[Obj]) -> None:
-    for doc in docs:
-        client.apply(doc)
-
-
 @dataclass
 class OperatorProcess:
     """The operator as its own process, exactly as a user starts it."""
