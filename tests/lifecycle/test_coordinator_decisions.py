@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,6 @@ from tapestry_protocol.documents import (
     CloseRecord,
     CloseTrigger,
     Contribution,
-    D,
     Excluded,
     Included,
     Member,
@@ -26,39 +25,23 @@ from tapestry_protocol.documents import (
     Refusal,
     RoundPlan,
     RoundResult,
-    encode,
-    validate,
+    rfc3339,
 )
-from tapestry_protocol.exchange import COORDINATOR, Verified
+from tapestry_protocol.exchange import Verified
 from tapestry_protocol.layout import Layout
-from tapestry_protocol.shards import sha256_hex
 from tapestry_protocol.signing import SigningKey
+from tests.lifecycle.signed import DEADLINE, NOW, verified
 
 FEDERATION = "fed"
 ROUND = 3
 LAYOUT = Layout(FEDERATION)
-NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
-DEADLINE = NOW + timedelta(hours=1)
 POLL = timedelta(seconds=5)
 MEMBERS = ("alpha", "beta", "gamma")
-SIGNER = SigningKey.generate(COORDINATOR)
 MEMBER_KEYS = {name: SigningKey.generate(name).public_key_text for name in MEMBERS}
 
 ACCEPTED = frozenset({ReceiptState.ACCEPTED})
 DECLINED = frozenset({ReceiptState.DECLINED})
 FAILED = frozenset({ReceiptState.ACCEPTED, ReceiptState.FAILED})
-
-
-def stamp(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def verified(key: str, document: D) -> Verified[D]:
-    """The document as a reader returns it: signed, valid against its schema, with the
-    sha256 of the bytes a store would hold."""
-    raw = SIGNER.sign(document.to_json())
-    validate(raw, document.KIND, key)
-    return Verified(key, document, sha256_hex(encode(raw)))
 
 
 def make_plan(
@@ -69,7 +52,7 @@ def make_plan(
         FEDERATION, ROUND, base, {"preset": "tiny"},
         {"innerSteps": 4, "learningRate": 0.003, "batchSize": 8, "seqLen": 32}, "fp32",
         tuple(Member(n, MEMBER_KEYS.get(n) or MEMBER_KEYS["alpha"]) for n in names),
-        quorum, stamp(deadline), stamp(NOW - timedelta(minutes=5)),
+        quorum, rfc3339(deadline), rfc3339(NOW - timedelta(minutes=5)),
     )  # fmt: skip
     return verified(LAYOUT.plan(ROUND), plan)
 
@@ -84,7 +67,7 @@ def make_close(
         FEDERATION, ROUND, plan.sha256, trigger,
         tuple(Included(n, "c" * 64) for n in included),
         tuple(Excluded(n, r, f"{r} at close") for n, r in (excluded or {}).items()),
-        stamp(NOW),
+        rfc3339(NOW),
     )  # fmt: skip
     return verified(LAYOUT.close(ROUND), close)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -14,7 +14,6 @@ from tapestry_lifecycle.states import JobState, MemberState, Reason
 from tapestry_protocol import rejections
 from tapestry_protocol.documents import (
     Contribution,
-    D,
     Member,
     Outcome,
     ReceiptState,
@@ -22,45 +21,29 @@ from tapestry_protocol.documents import (
     Refusal,
     RoundPlan,
     RoundResult,
-    encode,
-    validate,
+    rfc3339,
 )
-from tapestry_protocol.exchange import COORDINATOR, Verified
+from tapestry_protocol.exchange import Verified
 from tapestry_protocol.layout import Layout
-from tapestry_protocol.shards import sha256_hex
 from tapestry_protocol.signing import SigningKey
+from tests.lifecycle.signed import DEADLINE, NOW, verified
 
 FEDERATION = "fed"
 ROUND = 7
 LAYOUT = Layout(FEDERATION)
-NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
-DEADLINE = NOW + timedelta(hours=1)
 ME = "alpha"
 OTHER = "beta"
-SIGNER = SigningKey.generate(COORDINATOR)
 KEYS = {n: SigningKey.generate(n).public_key_text for n in (ME, OTHER)}
 ACCEPTED = frozenset({ReceiptState.ACCEPTED})
 AUTO, MANUAL = Admission.AUTOMATIC, Admission.MANUAL
-
-
-def stamp(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def verified(key: str, document: D) -> Verified[D]:
-    """The document as a reader returns it: signed, valid against its schema, with the
-    sha256 of the bytes a store would hold."""
-    raw = SIGNER.sign(document.to_json())
-    validate(raw, document.KIND, key)
-    return Verified(key, document, sha256_hex(encode(raw)))
 
 
 def make_plan(names: tuple[str, ...] = (ME, OTHER)) -> Verified[RoundPlan]:
     plan = RoundPlan(
         FEDERATION, ROUND, Ref(LAYOUT.base_manifest(ROUND), "b" * 64), {"preset": "tiny"},
         {"innerSteps": 4, "learningRate": 0.003, "batchSize": 8, "seqLen": 32}, "fp32",
-        tuple(Member(n, KEYS[n]) for n in names), 1, stamp(DEADLINE),
-        stamp(NOW - timedelta(minutes=5)),
+        tuple(Member(n, KEYS[n]) for n in names), 1, rfc3339(DEADLINE),
+        rfc3339(NOW - timedelta(minutes=5)),
     )  # fmt: skip
     return verified(LAYOUT.plan(ROUND), plan)
 
