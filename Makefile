@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 testbin:
 	bash tests/testbin/build-minio.sh >/dev/null
 	bash tests/testbin/build-kube.sh >/dev/null
+	bash tests/testbin/build-tools.sh >/dev/null
 
 ## test: every test, against real MinIO, SeaweedFS and a real Kubernetes control plane
 test: setup testbin
@@ -26,7 +27,7 @@ test: setup testbin
 
 ## test-fast: every test that needs no server and no network (torch tests included)
 test-fast: setup
-	$(PY) -m pytest -m "not s3 and not kube and not network"
+	$(PY) -m pytest -m "not s3 and not kube and not network and not tools"
 
 ## fuzz: the property-based tests with a long budget (many more examples per property)
 fuzz: setup
