@@ -1,6 +1,7 @@
 """Imports point down only (DESIGN.md): the protocol imports nothing of ours, the
-lifecycle only the protocol, the aggregator and trainer the protocol; the operator and
-the CLI are drivers on top, and the operator never imports the trainer (no torch)."""
+lifecycle only the protocol, telemetry only the protocol, the aggregator and trainer
+the protocol and telemetry; the operator and the CLI are drivers on top, and the
+operator never imports the trainer (no torch)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = {
     "tapestry_protocol": set(),
     "tapestry_lifecycle": {"tapestry_protocol"},
-    "tapestry_aggregator": {"tapestry_protocol"},
-    "tapestry_trainer": {"tapestry_protocol"},
-    "tapestry_operator": {"tapestry_protocol", "tapestry_lifecycle", "tapestry_aggregator"},
+    "tapestry_telemetry": {"tapestry_protocol"},
+    "tapestry_aggregator": {"tapestry_protocol", "tapestry_telemetry"},
+    "tapestry_trainer": {"tapestry_protocol", "tapestry_telemetry"},
+    "tapestry_operator": {
+        "tapestry_protocol",
+        "tapestry_lifecycle",
+        "tapestry_aggregator",
+        "tapestry_telemetry",
+    },
 }
 
 
