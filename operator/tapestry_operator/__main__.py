@@ -18,6 +18,7 @@ from typing import Any
 
 import kopf
 
+import tapestry_telemetry as telemetry
 from tapestry_operator.handlers import ROLES, configure, register
 from tapestry_operator.kube import Kube
 
@@ -57,9 +58,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("TAPESTRY_LIVENESS", "http://0.0.0.0:8080/healthz"),
         help="liveness endpoint URL (default: %(default)s)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port at /metrics, 0 = off (default: "
+        f"${telemetry.METRICS_PORT_ENV} or {telemetry.DEFAULT_METRICS_PORT}; the bind address "
+        "is $OTEL_EXPORTER_PROMETHEUS_HOST, default 0.0.0.0)",
+    )
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     p.add_argument("--verbose", action="store_true")
     return p
+
+
+def _telemetry(metrics_port: int | None) -> bool:
+    """Traces and metrics from the OTEL_* environment, and /metrics. A port that cannot
+    be listened on is logged and the operator goes on without /metrics (observability
+    never stops reconciliation); a malformed setting is a usage error (False)."""
+    log = logging.getLogger(__name__)
+    try:
+        port = telemetry.metrics_port_from_env() if metrics_port is None else metrics_port
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--metrics-port must be between 0 and 65535, got {port}")
+    except ValueError as e:
+        log.error("%s", e)
+        return False
+    try:
+        telemetry.setup(telemetry.Service.OPERATOR, prometheus_port=port)
+    except OSError as e:
+        log.error("%s; going on without the Prometheus endpoint", e)
+        telemetry.setup(telemetry.Service.OPERATOR)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if not _telemetry(args.metrics_port):
+        return 2
     registry = kopf.OperatorRegistry()
     kube = Kube()
     register(registry, args.role, kube)
@@ -83,13 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         """The same credentials as the Kubernetes client: in-cluster or kubeconfig."""
         return kopf.login_via_client(**kwargs)
 
-    kopf.run(
-        registry=registry,
-        standalone=True,  # one replica (Recreate): no peering objects needed
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
-        liveness_endpoint=args.liveness or None,
-    )
+    try:
+        kopf.run(
+            registry=registry,
+            standalone=True,  # one replica (Recreate): no peering objects needed
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or (),
+            liveness_endpoint=args.liveness or None,
+        )
+    finally:
+        telemetry.shutdown()  # the last spans and metrics go out before the pod stops
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from tapestry_operator import api
 from tapestry_operator.config import FederationConfig, ParticipantConfig, RoundConfig, SecretRef
 from tapestry_protocol import pod
+from tapestry_telemetry import pod_environment
 
 Obj = dict[str, Any]
 
@@ -122,6 +123,16 @@ def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
+def _with_telemetry(env: dict[str, str], traceparent: str | None) -> dict[str, str]:
+    """`env` plus the operator's OTEL_* settings (so the pod exports to this party's own
+    collector) and the trace context to continue, each only where `env` does not set it
+    already: the pod's own environment is merged into, never replaced."""
+    extra = pod_environment()
+    if traceparent:
+        extra[pod.TRACEPARENT] = traceparent
+    return {**extra, **env}
+
+
 def _pod_failure_policy(container: str) -> Obj:
     """Refusals and misconfiguration fail the Job at once; crashes use the backoff
     budget; evictions and preemptions do not count at all."""
@@ -220,8 +231,7 @@ def build_training_job(
         env[pod.LOADER] = config.loader
     if config.loader_options:
         env[pod.LOADER_OPTIONS] = json.dumps(config.loader_options, sort_keys=True)
-    if traceparent:
-        env[pod.TRACEPARENT] = traceparent
+    env = _with_telemetry(env, traceparent)
     resources = _gpu_resources(config.resources, config.gpus_per_node)
     container: Obj = {
         "name": TRAINER,
@@ -302,6 +312,7 @@ def _coordinator_job(
     image: str,
     command: list[str],
     job_labels: dict[str, str],
+    traceparent: str | None = None,
 ) -> Obj:
     """A Job in the coordinator's namespace that signs as the coordinator: its key and
     the store's credentials mounted as files, scratch in the work mount."""
@@ -314,7 +325,8 @@ def _coordinator_job(
         "name": component,
         "image": image,
         "command": command,
-        "env": _env(scratch),  # the root filesystem is read-only: scratch goes here
+        # the root filesystem is read-only: scratch goes here
+        "env": _env(_with_telemetry(scratch, traceparent)),
         "resources": {k: dict(v) for k, v in config.aggregator_resources.items()},
         "volumeMounts": mounts,
         "securityContext": restricted_container_security(),
@@ -338,10 +350,14 @@ def _coordinator_job(
 
 
 def build_aggregator_job(
-    federation: FederationConfig, round_config: RoundConfig, owner: Mapping[str, Any]
+    federation: FederationConfig,
+    round_config: RoundConfig,
+    owner: Mapping[str, Any],
+    traceparent: str | None = None,
 ) -> Obj:
     """The Job that merges a closed round (operator image, no torch); re-running it is
-    safe: the merge of a closed round is deterministic and write-once."""
+    safe: the merge of a closed round is deterministic and write-once. `traceparent`:
+    the round's trace context, which the aggregator's span continues."""
     command = [
         "tapestry", "aggregate",
         "--store", federation.store.pod_url(),
@@ -354,6 +370,7 @@ def build_aggregator_job(
         federation, owner, aggregator_job_name(federation.name, round_config.round),
         AGGREGATOR, federation.aggregator_image, command,
         labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)}),
+        traceparent,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from tapestry_operator.coordinator import Visit, reconcile_federation, reconcile
 from tapestry_operator.kube import Kube
 from tapestry_operator.participant import reconcile_participant
 from tapestry_protocol.store import StoreError
+from tapestry_telemetry import catalog, metrics
 
 log = logging.getLogger(__name__)
 Reconcile = Callable[[Kube, dict[str, Any], datetime], Visit]
@@ -41,6 +43,7 @@ async def _run(
         snapshot = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status")
                     if k in body}  # fmt: skip
         meta = snapshot["metadata"]
+        started = time.perf_counter()
         try:
             visit = await asyncio.to_thread(reconcile, kube, snapshot, datetime.now(UTC))
             await asyncio.to_thread(
@@ -53,10 +56,14 @@ async def _run(
             failures += 1
             delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
             logger.warning("store unavailable, retrying in %.0fs: %s", delay, e)
-        except Exception:
+            _count_error(plural, e)
+        except Exception as e:
             failures += 1
             delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
             logger.exception("reconcile failed, retrying in %.0fs", delay)
+            _count_error(plural, e)
+        resource = {catalog.RESOURCE: plural}
+        metrics().reconcile_duration.record(time.perf_counter() - started, resource)
         generation = meta.get("generation")
         # Sleep until the lifecycle wants another look, or the spec changes.
         waited = 0.0
@@ -65,6 +72,11 @@ async def _run(
             waited += 1.0
             if body.get("metadata", {}).get("generation") != generation:
                 break
+
+
+def _count_error(plural: str, error: Exception) -> None:
+    attributes = {catalog.RESOURCE: plural, catalog.ERROR_TYPE: type(error).__name__}
+    metrics().reconcile_errors.add(1, attributes)
 
 
 def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:

@@ -243,10 +243,14 @@ def setup(
     resource = Resource.create(resource_attributes(service, federation, participant))
     with _lock:
         state = _State(service=service)
+        readers = list(metric_readers)
+        if prometheus_port:  # first: a port in use fails the setup before anything starts
+            server, reader = _prometheus(prometheus_port, environ)
+            state.prometheus, state.prometheus_port = server, prometheus_port
+            readers.append(reader)
         if traces_url or span_exporter is not None:
             state.tracer_provider = _tracer_provider(resource, traces_url, span_exporter)
             state.tracer = state.tracer_provider.get_tracer(SCOPE, version())
-        readers = list(metric_readers)
         if metrics_url:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,
@@ -254,10 +258,6 @@ def setup(
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_url)))
-        if prometheus_port:
-            server, reader = _prometheus(prometheus_port, environ)
-            state.prometheus, state.prometheus_port = server, prometheus_port
-            readers.append(reader)
         if readers:
             from opentelemetry.sdk.metrics import MeterProvider
 
