@@ -7,12 +7,13 @@ restricted Pod Security Standard.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from tapestry_operator import api
+from tapestry_operator import api, settings
 from tapestry_operator.config import FederationConfig, ParticipantConfig, RoundConfig, SecretRef
 from tapestry_protocol import pod
 from tapestry_telemetry import pod_environment
@@ -73,24 +74,14 @@ def labels(component: str, federation: str, **extra: str) -> dict[str, str]:
 
 
 def restricted_container_security() -> Obj:
-    """The restricted Pod Security Standard, for every container the operator creates."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    """Every container's security context: the restricted Pod Security Standard unless
+    the operator's settings (the chart's `workloads.securityContext`) say otherwise."""
+    return copy.deepcopy(settings.current().container_security_context)
 
 
 def restricted_pod_security() -> Obj:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": 65532,
-        "runAsGroup": 65532,
-        "fsGroup": 65532,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    """Every pod's security context (the chart's `workloads.podSecurityContext`)."""
+    return copy.deepcopy(settings.current().pod_security_context)
 
 
 def _secret_volume(name: str, ref: SecretRef, items: list[str] | None = None) -> Obj:

@@ -13,7 +13,7 @@ import pytest
 
 from tapestry_aggregator.strategy import Strategy
 from tapestry_cli.main import build_parser
-from tapestry_operator import api
+from tapestry_operator import api, settings
 from tapestry_operator.builders import (
     COMPLETION_INDEX_FIELD,
     MAX_NAME,
@@ -391,6 +391,57 @@ def _assert_restricted(obj: Obj, name: str) -> None:
 def test_the_training_pod_is_restricted(job: Obj) -> None:
     _assert_restricted(job, "trainer")
     assert "serviceAccountName" not in job["spec"]["template"]["spec"]
+
+
+@pytest.fixture
+def fresh_settings() -> Iterator[None]:
+    """The operator's settings read again from the (monkeypatched) environment."""
+    settings.current.cache_clear()
+    yield
+    settings.current.cache_clear()
+
+
+def _security(job: Obj) -> tuple[Obj, Obj]:
+    spec = job["spec"]["template"]["spec"]
+    return spec["securityContext"], container(job)["securityContext"]
+
+
+def test_the_chart_s_workload_settings_replace_every_pod_s_security_contexts(
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_settings: None,
+    config: ParticipantConfig,
+    body: Obj,
+    federation: FederationConfig,
+    federation_body: Obj,
+    round_body: Obj,
+) -> None:
+    pod_context = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "Localhost",
+                   "localhostProfile": "tapestry.json"}}  # fmt: skip
+    container_context = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False}
+    monkeypatch.setenv(settings.WORKLOAD_POD_SECURITY_CONTEXT, json.dumps(pod_context))
+    monkeypatch.setenv(settings.WORKLOAD_SECURITY_CONTEXT, json.dumps(container_context))
+    jobs = [
+        build_training_job(config, ROUND, body),
+        build_aggregator_job(federation, RoundConfig.from_body(round_body), federation_body),
+        build_bootstrap_job(federation, federation_body),
+    ]
+    for job in jobs:
+        assert _security(job) == (pod_context, container_context), job["metadata"]["name"]
+
+
+def test_without_settings_every_pod_gets_its_own_copy_of_the_restricted_defaults(
+    monkeypatch: pytest.MonkeyPatch, fresh_settings: None, config: ParticipantConfig, body: Obj
+) -> None:
+    monkeypatch.delenv(settings.WORKLOAD_POD_SECURITY_CONTEXT, raising=False)
+    monkeypatch.delenv(settings.WORKLOAD_SECURITY_CONTEXT, raising=False)
+    first, second = (build_training_job(config, r, body) for r in (1, 2))
+    _assert_restricted(first, "trainer")
+    _security(first)[1]["capabilities"]["drop"].clear()  # one pod's change stays its own
+    assert _security(second)[1]["capabilities"] == {"drop": ["ALL"]}
+    assert _security(second) == (
+        settings.Settings().pod_security_context,
+        settings.Settings().container_security_context,
+    )
 
 
 def _assert_failure_policy(obj: Obj, container_name: str) -> None:
