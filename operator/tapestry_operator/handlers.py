@@ -121,3 +121,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 30
     settings.posting.level = logging.WARNING  # no event per log line; ours are explicit
     settings.execution.max_workers = 16
+    # No cluster-wide list/watch of namespaces and CRDs: the chart's namespaced Roles
+    # suffice, and the watched namespaces are the ones on the command line.
+    settings.scanning.disabled = True
