@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from tests.tools import REPO, HelmError, KStatus, ToolError, kstatus, run_helm
+from tests.tools import (
+    REPO,
+    HelmError,
+    KStatus,
+    Prometheus,
+    PrometheusError,
+    ToolError,
+    kstatus,
+    run_helm,
+)
 
 pytestmark = pytest.mark.tools
 
@@ -214,3 +230,108 @@ def test_kstatus_sees_an_unobserved_generation_as_in_progress() -> None:
 def test_kstatus_rejects_what_is_not_an_object_list() -> None:
     with pytest.raises(ToolError, match="not a JSON array"):
         kstatus({"kind": "Deployment"})  # type: ignore[arg-type]
+
+
+# -- Prometheus ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exporter_target() -> Iterator[tuple[str, Counter]]:
+    """A prometheus_client /metrics server on a free loopback port, and its counter."""
+    registry = CollectorRegistry()
+    counter = Counter("tools_demo_requests", "Requests served", ["code"], registry=registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    yield f"127.0.0.1:{server.server_address[1]}", counter
+    server.shutdown()
+    thread.join(5)
+
+
+def test_prometheus_scrapes_a_target(exporter_target: tuple[str, Counter]) -> None:
+    target, counter = exporter_target
+    counter.labels(code="200").inc(3)
+    counter.labels(code="500").inc()
+    started = time.time()
+    with Prometheus([target]) as prom:
+        assert prom.wait_for_series(f'up{{job="scrape", instance="{target}"}} == 1')
+        series = prom.wait_for_series('tools_demo_requests_total{code="200"}')
+        assert [(s["metric"]["job"], float(s["value"][1])) for s in series] == [("scrape", 3)]
+        assert float(prom.query("sum(tools_demo_requests_total)")[0]["value"][1]) == 4
+        assert float(prom.query("1 + 1")[0]["value"][1]) == 2  # a scalar result
+        ranged = prom.query_range(
+            'tools_demo_requests_total{code="500"}', started - 60, time.time() + 1, 1
+        )
+        assert ranged and {float(v) for _, v in ranged[0]["values"]} == {1}
+
+
+def test_prometheus_picks_up_added_targets(exporter_target: tuple[str, Counter]) -> None:
+    target, counter = exporter_target
+    counter.labels(code="201").inc(7)
+    with Prometheus() as prom:
+        assert prom.query("tools_demo_requests_total") == []
+        prom.add_targets([f"http://{target}/metrics"], job="late", labels={"team": "tools"})
+        series = prom.wait_for_series('tools_demo_requests_total{job="late", team="tools"}')
+        assert float(series[0]["value"][1]) == 7
+
+
+def test_prometheus_reports_a_bad_expression() -> None:
+    with Prometheus() as prom, pytest.raises(PrometheusError, match="parse error") as err:
+        prom.query("sum(")
+    assert err.value.args[0].startswith("bad_data: ")
+
+
+def test_otlp_push_becomes_series_with_translated_names() -> None:
+    """What an OTLP metric is called in Prometheus; the assertion messages print the
+    names, so this test doubles as the reference for dashboards and alerts."""
+    with Prometheus() as prom:
+        resource = Resource.create(
+            {
+                "service.name": "tools-test",
+                "service.instance.id": "pod-0",
+                "deployment.environment.name": "ci",
+            }
+        )
+        reader = PeriodicExportingMetricReader(
+            OTLPMetricExporter(endpoint=prom.otlp_metrics_endpoint),
+            export_interval_millis=3_600_000,  # only force_flush exports
+        )
+        provider = MeterProvider(resource=resource, metric_readers=[reader])
+        meter = provider.get_meter("tests.tools")
+        meter.create_counter("tapestry.test.received", unit="By").add(
+            1024, {"tapestry.phase": "upload"}
+        )
+        meter.create_histogram("tapestry.test.duration", unit="s").record(0.5)
+        meter.create_counter("tapestry.test.retries", unit="{retry}").add(2)
+        meter.create_up_down_counter("tapestry.test.queue.bytes", unit="By").add(5)
+        meter.create_gauge("tapestry.test.utilization", unit="1").set(0.25)
+        meter.create_counter("tapestry.test.steps", unit="1").add(4)
+        meter.create_histogram("tapestry.test.latency", unit="ms").record(12)
+        assert provider.force_flush(30_000)
+        provider.shutdown()
+
+        received = prom.wait_for_series('{job="tools-test", __name__=~"tapestry_test_.*"}')
+        names = sorted({s["metric"]["__name__"] for s in received})
+        expected = [
+            "tapestry_test_duration_seconds_bucket",
+            "tapestry_test_duration_seconds_count",
+            "tapestry_test_duration_seconds_sum",
+            "tapestry_test_latency_milliseconds_bucket",
+            "tapestry_test_latency_milliseconds_count",
+            "tapestry_test_latency_milliseconds_sum",
+            "tapestry_test_queue_bytes",
+            "tapestry_test_received_bytes_total",
+            "tapestry_test_retries_total",
+            "tapestry_test_steps_total",
+            "tapestry_test_utilization_ratio",
+        ]
+        assert names == expected, f"OTLP metrics arrived as {names}"
+
+        counter = prom.query("tapestry_test_received_bytes_total")
+        labels = counter[0]["metric"]
+        assert float(counter[0]["value"][1]) == 1024
+        assert labels["job"] == "tools-test" and labels["instance"] == "pod-0", labels
+        assert labels["tapestry_phase"] == "upload", labels
+        assert "deployment_environment_name" not in labels, labels
+        count = prom.query("tapestry_test_duration_seconds_count")
+        assert float(count[0]["value"][1]) == 1
+        info = prom.query('target_info{job="tools-test"}')
+        assert info and info[0]["metric"]["deployment_environment_name"] == "ci", info

@@ -18,7 +18,7 @@
 # Progress goes to stderr; the last line on stdout is the binaries' directory.
 set -euo pipefail
 
-ALL_TOOLS=(helm kstatus)
+ALL_TOOLS=(helm kstatus prometheus)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS_DIR="$HERE/tools"
 LDFLAGS_BASE="-s -w"
@@ -33,10 +33,18 @@ die() { printf '[build-tools] ERROR: %s\n' "$*" >&2; exit 1; }
 declare -A PIN_MODULE=(
     [helm]=helm.sh/helm/v3
     [kstatus]=sigs.k8s.io/cli-utils
+    [prometheus]=github.com/prometheus/prometheus
 )
 declare -A PACKAGE=(
     [helm]=helm.sh/helm/v3/cmd/helm
     [kstatus]=.
+    [prometheus]=github.com/prometheus/prometheus/cmd/prometheus
+)
+# remove_all_sd leaves Prometheus only its file and HTTP service discovery (the
+# cloud SDKs are most of its build); without builtinassets it serves no web UI,
+# which the tests do not need (they use the HTTP API).
+declare -A TAGS=(
+    [prometheus]=remove_all_sd
 )
 
 if (($#)); then
@@ -133,17 +141,32 @@ ldflags_for() { # ldflags_for <tool>: the linker flags that stamp its version
             ldflags+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
         done
         ;;
+    prometheus)
+        # As its .promu.yml. Module v0.3XX.Y is release 3.XX.Y; its VERSION file says which.
+        local dir release date
+        dir="$(cd "$TOOLS_DIR/prometheus" && "$GO" list -m -f '{{.Dir}}' \
+            github.com/prometheus/prometheus)"
+        release="$(cat "$dir/VERSION")"
+        date="$(cd "$TOOLS_DIR/prometheus" && "$GO" list -m \
+            -f '{{if .Time}}{{.Time.UTC.Format "20060102-15:04:05"}}{{end}}' \
+            github.com/prometheus/prometheus)"
+        for var in Version=$release Branch=HEAD BuildUser=tapestry-testbin \
+            BuildDate=${date:-19700101-00:00:00} Revision=; do
+            ldflags+=" -X github.com/prometheus/common/version.$var"
+        done
+        ;;
     esac
     echo "$ldflags"
 }
 
 build_tool() { # build_tool <tool>: compile it into $DEST, atomically
     local tool="$1" mod="$TOOLS_DIR/$1" start=$SECONDS
-    log "$tool ${VERSION[$tool]}: downloading modules"
-    (cd "$mod" && "$GO" mod download) || die "$tool: go mod download failed"
-    log "$tool ${VERSION[$tool]}: compiling ${PACKAGE[$tool]}"
+    # No `go mod download`: go build fetches only the modules these packages use
+    # (for Prometheus not the cloud SDKs that its discovery plugins need).
+    log "$tool ${VERSION[$tool]}: compiling ${PACKAGE[$tool]} (downloading what it needs)"
     # -v names each package as it is compiled; count them to show progress.
-    if ! (cd "$mod" && "$GO" build -v -trimpath -ldflags "$(ldflags_for "$tool")" \
+    if ! (cd "$mod" && "$GO" build -v -trimpath -tags "${TAGS[$tool]:-}" \
+            -ldflags "$(ldflags_for "$tool")" \
             -o "$TMP/$tool" "${PACKAGE[$tool]}") 2>&1 \
         | tee "$TMP/$tool.log" \
         | awk -v tool="$tool" '
