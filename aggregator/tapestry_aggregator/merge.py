@@ -68,6 +68,9 @@ from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray, ShardRef
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store import ObjectStore, StoreError
+from tapestry_telemetry import catalog, metrics, tracing, tracing_enabled
+from tapestry_telemetry.catalog import SpanName
+from tapestry_telemetry.store import metered
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +119,67 @@ def aggregate_round(
     *,
     prefetch: int = 4,
     progress: ProgressCallback | None = None,
+    traceparent: str | None = None,
 ) -> Verified[RoundResult]:
     """Aggregate the closed round `round_number` and publish its signed result.
 
     Idempotent: a round that has a result returns it; a re-run after a crash yields the
-    same bytes. The round must have been closed (`exchange.close_round`)."""
+    same bytes. The round must have been closed (`exchange.close_round`).
+
+    Its span continues `traceparent` (the round's context, which the coordinator gives
+    the aggregator Job), or else the plan's, and links to the span each merged update
+    was made in (the manifests' trace context). Telemetry never enters the result."""
     if signer.key_id != COORDINATOR:
         raise ValueError(f"the aggregator signs as {COORDINATOR!r}, not {signer.key_id!r}")
     coordinator_key = signer.public_key_text
     if store.exists(layout.result(round_number)):
         return read_result(store, layout, round_number, coordinator_key)
+    store = metered(store, layout.federation)
     started = time.monotonic()
-    inputs = collect_inputs(store, layout, round_number, coordinator_key, strategy)
-    merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress)
-    result = commit_round(store, layout, inputs, merged, strategy, signer)
+    parent = traceparent or _round_context(store, layout, round_number, coordinator_key)
+    attributes: dict[str, str | int] = {
+        catalog.FEDERATION: layout.federation,
+        catalog.ROUND: round_number,
+    }
+    with tracing.phase(SpanName.AGGREGATION, parent, attributes) as span:
+        with tracing.phase(SpanName.AGGREGATION_COLLECT):
+            inputs = collect_inputs(store, layout, round_number, coordinator_key, strategy)
+        for name, update in sorted(inputs.updates.items()):
+            link = tracing.link_to(update.document.traceparent, {catalog.PARTICIPANT: name})
+            if link is not None:
+                span.add_link(link.context, link.attributes)
+        merge_started = time.monotonic()
+        with tracing.phase(SpanName.AGGREGATION_MERGE):
+            merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress)
+        merge_seconds = time.monotonic() - merge_started
+        with tracing.phase(SpanName.AGGREGATION_COMMIT):
+            result = commit_round(store, layout, inputs, merged, strategy, signer)
+        outcome = str(result.document.outcome)
+        span.set_attribute(catalog.ROUND_OUTCOME, outcome)
+    elapsed = time.monotonic() - started
+    instruments = metrics()
+    labels = {catalog.FEDERATION: layout.federation}
+    instruments.aggregation_duration.record(elapsed, {**labels, catalog.ROUND_OUTCOME: outcome})
+    if merged is not None and merge_seconds > 0:
+        instruments.aggregation_throughput.set(merged.bytes_read / merge_seconds, labels)
     log.info(
-        "round %d of %s: %s in %.1f s", round_number, layout.federation,
-        result.document.outcome, time.monotonic() - started,
+        "round %d of %s: %s in %.1f s", round_number, layout.federation, outcome, elapsed
     )  # fmt: skip
     return result
+
+
+def _round_context(
+    store: ObjectStore, layout: Layout, round_number: int, coordinator_key: str
+) -> object:
+    """The round's trace context from its plan (read only when tracing is on); a plan
+    that cannot be read fails the merge later, with its reason."""
+    if not tracing_enabled():
+        return None
+    try:
+        plan = read_plan(store, layout, round_number, coordinator_key)
+    except Rejected:
+        return None
+    return tracing.round_span_context(plan.document.traceparent, plan.sha256)
 
 
 def collect_inputs(

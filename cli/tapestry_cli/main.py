@@ -442,15 +442,17 @@ def _rounds_show(args: argparse.Namespace) -> int:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
+    import tapestry_telemetry as telemetry
     from tapestry_aggregator.memory import keep_freed_memory
     from tapestry_aggregator.merge import aggregate_round
     from tapestry_aggregator.strategy import Strategy
-    from tapestry_protocol import rejections
+    from tapestry_protocol import pod, rejections
     from tapestry_protocol.documents import CloseTrigger, Outcome
     from tapestry_protocol.exchange import COORDINATOR, close_round, read_plan
     from tapestry_protocol.layout import Layout
     from tapestry_protocol.rejections import Rejected
     from tapestry_protocol.signing import load_signing_key
+    from tapestry_telemetry import Service
 
     try:
         signer = load_signing_key(COORDINATOR, args.key)
@@ -468,11 +470,18 @@ def _aggregate(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     store = _open(args)
     keep_freed_memory()
+    # Spans and metrics go to the OTEL_* environment's collector, flushed before exit;
+    # the span continues TRACEPARENT (the round's context the operator gives the Job).
+    exporting = telemetry.process(Service.AGGREGATOR, federation=args.federation)
     try:
-        if args.close:
-            plan = read_plan(store, layout, args.round, signer.public_key_text)
-            close_round(store, layout, plan, signer, CloseTrigger.MANUAL, datetime.now(UTC))
-        result = aggregate_round(store, layout, args.round, signer, strategy)
+        with exporting:
+            if args.close:
+                plan = read_plan(store, layout, args.round, signer.public_key_text)
+                close_round(store, layout, plan, signer, CloseTrigger.MANUAL, datetime.now(UTC))
+            result = aggregate_round(
+                store, layout, args.round, signer, strategy,
+                traceparent=os.environ.get(pod.TRACEPARENT),
+            )  # fmt: skip
     except Rejected as e:
         hint = ""
         if e.reason == rejections.NOT_CLOSED:

@@ -8,8 +8,9 @@ calls, so the daemons in `handlers` run it in a worker thread.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tapestry_lifecycle import coordinator as lifecycle
@@ -21,9 +22,10 @@ from tapestry_operator.config import FederationConfig, RoundConfig
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
 from tapestry_protocol import rejections
-from tapestry_protocol.documents import Outcome, rfc3339
+from tapestry_protocol.documents import Outcome, RoundPlan, parse_time, rfc3339
 from tapestry_protocol.exchange import (
     COORDINATOR,
+    Verified,
     close_round,
     make_plan,
     publish_plan,
@@ -34,6 +36,9 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import ObjectExists, ObjectStore
+from tapestry_telemetry import catalog, metrics, tracing
+from tapestry_telemetry.catalog import SpanName
+from tapestry_telemetry.store import metered
 
 log = logging.getLogger(__name__)
 POLL = timedelta(seconds=5)
@@ -107,7 +112,7 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
         )
     try:
         signer = _signer(kube, federation)
-        store = store_for(kube, federation.namespace, federation.store)
+        store = metered(store_for(kube, federation.namespace, federation.store), federation.name)
     except (SecretMissing, ValueError) as e:
         health = Health.working(Reason.INVALID_SPEC, str(e))
         return Visit(status(health, phase=RoundPhase.PENDING), 15.0)
@@ -115,6 +120,10 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
     key = signer.public_key_text
     job_name = builders.aggregator_job_name(federation.name, config.round)
     events: list[tuple[str, str, str]] = []
+    span_attrs: dict[str, str | int] = {
+        catalog.FEDERATION: federation.name,
+        catalog.ROUND: config.round,
+    }
     for _ in range(4):  # act, then look again at once, a few times per visit
         job = kube.job_status(config.namespace, job_name)
         view = lifecycle.observe_round(
@@ -131,6 +140,7 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
             poll=POLL,
         )  # fmt: skip
         if step.action == Action.PUBLISH_PLAN and base is not None:
+            traceparent = tracing.new_traceparent()  # the round's trace: its span's ids
             plan = make_plan(
                 layout, config.round, base,
                 model=base.document.model,
@@ -139,22 +149,39 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
                 min_participants=quorum,
                 deadline=rfc3339(now + (config.deadline or federation.deadline)),
                 encoding=config.encoding or federation.encoding,
+                traceparent=traceparent,
             )  # fmt: skip
+            started = datetime.now(UTC)
             try:
                 publish_plan(store, layout, plan, signer)
                 events.append(("Normal", Reason.PLAN_PUBLISHED, f"plan for round {config.round}"))
+                tracing.record(SpanName.ROUND_PUBLISH, traceparent, started, None, span_attrs)
             except ObjectExists:
                 pass  # published before (a restart): the stored plan stands
             continue
         if step.action == Action.CLOSE and view.plan is not None and step.trigger is not None:
-            close_round(store, layout, view.plan, signer, step.trigger, now)
+            trigger: dict[str, str | int] = {**span_attrs, catalog.CLOSE_TRIGGER: str(step.trigger)}
+            with tracing.phase(SpanName.ROUND_CLOSE, round_context(view.plan), trigger):
+                close_round(store, layout, view.plan, signer, step.trigger, now)
             events.append(("Normal", Reason.CLOSED, f"round closed: {step.message}"))
             continue
-        if step.action == Action.AGGREGATE:
-            if kube.create(builders.build_aggregator_job(federation, config, body)):
+        if step.action == Action.AGGREGATE and view.plan is not None:
+            context = round_context(view.plan)
+            traceparent = tracing.format_traceparent(context)
+            started = datetime.now(UTC)
+            aggregator = builders.build_aggregator_job(federation, config, body, traceparent)
+            if kube.create(aggregator):
                 events.append(("Normal", Reason.AGGREGATING, f"started Job {job_name}"))
+                job_attrs: dict[str, str | int] = {**span_attrs, catalog.JOB: job_name}
+                tracing.record(SpanName.ROUND_AGGREGATE, context, started, None, job_attrs)
             continue
         break
+    if view.plan is not None:
+        _observe_metrics(federation.name, config.round, view)
+    finished = view.result is not None and "result" not in previous
+    stalled = step.action == Action.STALLED and previous.get("phase") != RoundPhase.FAILED
+    if view.plan is not None and (finished or stalled):
+        _round_over(federation.name, view.plan, view, now, previous, step)
     fields = round_fields(view, step.phase)
     if view.plan is not None:
         fields["startedAt"] = view.plan.document.issued_at
@@ -168,6 +195,64 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
 
 
 SETTLED_RECHECK_S = 300.0
+
+
+def round_context(plan: Verified[RoundPlan]) -> Any:
+    """The round span's context (the plan's traceparent): the parent of every span of
+    the round."""
+    return tracing.round_span_context(plan.document.traceparent, plan.sha256)
+
+
+def _observe_metrics(federation: str, round_number: int, view: RoundView) -> None:
+    """The round's number and how many members are in each state, on every visit."""
+    instruments = metrics()
+    instruments.round_number.set(round_number, {catalog.FEDERATION: federation})
+    counts = Counter(lifecycle.member_states(view).values())
+    for state in MemberState:
+        attributes = {catalog.FEDERATION: federation, catalog.MEMBER_STATE: str(state)}
+        instruments.round_members.set(counts.get(state, 0), attributes)
+
+
+def _round_over(
+    federation: str,
+    plan: Verified[RoundPlan],
+    view: RoundView,
+    now: datetime,
+    previous: dict[str, Any],
+    step: lifecycle.Step,
+) -> None:
+    """The visit that first sees a round's result (or its terminal failure): the round's
+    span, from the plan's issuedAt until now, its duration and its members' verdicts."""
+    started = parse_time(plan.document.issued_at)
+    ended = parse_time(previous["completedAt"]) if previous.get("completedAt") else now
+    result = view.result.document if view.result is not None else None
+    outcome = str(result.outcome) if result is not None else str(Outcome.FAILED)
+    attributes: dict[str, Any] = {
+        catalog.FEDERATION: federation,
+        catalog.ROUND: plan.document.round,
+        catalog.ROUND_OUTCOME: outcome,
+    }
+    error = None if outcome == Outcome.SUCCEEDED else (step.message or outcome)
+    tracing.emit(
+        SpanName.ROUND, round_context(plan), parent=None, start=started, end=ended,
+        attributes=attributes, error=error,
+    )  # fmt: skip
+    instruments = metrics()
+    outcome_attrs = {catalog.FEDERATION: federation, catalog.ROUND_OUTCOME: outcome}
+    instruments.round_duration.record(max(0.0, (ended - started).total_seconds()), outcome_attrs)
+    if result is None:
+        return
+    verdicts = Counter([(catalog.VERDICT_ACCEPTED, "")] * len(result.accepted))
+    verdicts.update((catalog.VERDICT_REJECTED, r.reason) for r in result.rejected)
+    for (verdict, reason), count in sorted(verdicts.items()):
+        instruments.round_updates.add(
+            count,
+            {
+                catalog.FEDERATION: federation,
+                catalog.UPDATE_VERDICT: verdict,
+                catalog.REJECTION_REASON: reason,
+            },
+        )
 
 
 def _settled(status: dict[str, Any], generation: int) -> bool:
@@ -262,7 +347,7 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
 
     try:
         signer = _signer(kube, federation)
-        store = store_for(kube, federation.namespace, federation.store)
+        store = metered(store_for(kube, federation.namespace, federation.store), federation.name)
     except (SecretMissing, ValueError) as e:
         return Visit(status(Health.working(Reason.INVALID_SPEC, str(e))), 15.0)
     layout = federation.layout

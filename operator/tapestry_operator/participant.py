@@ -8,7 +8,7 @@ Job with a headless Service, reports failures, and records the coordinator's ver
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from tapestry_lifecycle import participant as lifecycle
@@ -20,9 +20,13 @@ from tapestry_operator.config import ParticipantConfig
 from tapestry_operator.coordinator import Visit
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
-from tapestry_protocol.documents import ReceiptState
+from tapestry_protocol.documents import ReceiptState, RoundPlan, parse_time
+from tapestry_protocol.exchange import Verified, read_receipts
 from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import ObjectStore
+from tapestry_telemetry import catalog, metrics, tracing, tracing_enabled
+from tapestry_telemetry.catalog import SpanName
+from tapestry_telemetry.store import metered
 
 _FINISHED = {Do.DONE, Do.IGNORE}
 
@@ -62,10 +66,12 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
     try:
         pem = kube.secret_entry(config.namespace, config.signing_key.name, "signing.key")
         signer = load_signing_key(config.member, pem)
-        store = store_for(kube, config.namespace, config.store)
+        store = metered(store_for(kube, config.namespace, config.store), config.federation)
     except (SecretMissing, ValueError) as e:
         return Visit(status(Health.working(Reason.INVALID_SPEC, str(e))), poll)
     history = {r["round"]: r for r in previous.get("rounds", [])}
+    before = {r: str(row.get("state", "")) for r, row in history.items()}
+    seen: list[tuple[PlanView, lifecycle.Next]] = []
     round_number = int(previous.get("currentRound", 0))
     events: list[tuple[str, str, str]] = []
     view = _observe(kube, store, config, round_number, now)
@@ -73,6 +79,7 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
     # Move on while this round is settled and the store has a plan for the next one.
     while step.do in _FINISHED and store.exists(config.layout.plan(round_number + 1)):
         _remember(history, round_number, step)
+        seen.append((view, step))
         round_number += 1
         view = _observe(kube, store, config, round_number, now)
         step = lifecycle.decide(view, _admission(config))
@@ -84,6 +91,9 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
         step = lifecycle.decide(view, _admission(config))
     if view.plan is not None:
         _remember(history, round_number, step)
+        seen.append((view, step))
+    for seen_view, seen_step in seen:
+        _observe_end(store, config, seen_view, seen_step, before, now)
     _clean_history(kube, config, round_number)
     fields: dict[str, Any] = {
         "currentRound": round_number,
@@ -129,33 +139,112 @@ def _act(
     if plan is None:
         return False
     round_number = plan.document.round
-    if step.do == Do.DECLINE:
-        publish_receipt(
-            store, config.layout, plan, signer, ReceiptState.DECLINED, str(step.reason),
-            step.message,
-        )  # fmt: skip
-        events.append(("Warning", step.reason, f"declined round {round_number}: {step.message}"))
-        return True
-    if step.do == Do.ACCEPT:
-        publish_receipt(
-            store, config.layout, plan, signer, ReceiptState.ACCEPTED, str(step.reason), "admitted"
-        )
-        events.append(("Normal", Reason.ADMITTED, f"accepted round {round_number}"))
+    context = participant_context(plan, config.member)
+    attributes: dict[str, str | int] = {
+        catalog.FEDERATION: config.federation,
+        catalog.ROUND: round_number,
+        catalog.PARTICIPANT: config.member,
+    }
+    receipt = {
+        Do.DECLINE: (ReceiptState.DECLINED, step.message),
+        Do.ACCEPT: (ReceiptState.ACCEPTED, "admitted"),
+        Do.REPORT_FAILED: (ReceiptState.FAILED, step.message),
+    }.get(step.do)
+    if receipt is not None:
+        state, message = receipt
+        answer = {**attributes, catalog.RECEIPT_STATE: str(state)}
+        with tracing.phase(SpanName.PARTICIPANT_RECEIPT, context, answer):
+            publish_receipt(store, config.layout, plan, signer, state, str(step.reason), message)
+        events.append(_receipt_event(state, round_number, step))
         return True
     if step.do == Do.TRAIN:
         service = builders.build_rendezvous_service(config, round_number, body)
-        job = builders.build_training_job(config, round_number, body, plan.document.traceparent)
+        # The trainer continues this participant's span when it is exported here, else
+        # the round's own context (a trainer exporting elsewhere still joins the trace).
+        traceparent = (
+            tracing.format_traceparent(context) if tracing_enabled() else plan.document.traceparent
+        )
+        job = builders.build_training_job(config, round_number, body, traceparent)
+        started = datetime.now(UTC)
         kube.create(service)
         if kube.create(job):
-            events.append(("Normal", Reason.TRAINING, f"started Job {job['metadata']['name']}"))
-        return True
-    if step.do == Do.REPORT_FAILED:
-        publish_receipt(
-            store, config.layout, plan, signer, ReceiptState.FAILED, str(step.reason), step.message
-        )
-        events.append(("Warning", Reason.TRAINING_FAILED, f"round {round_number}: {step.message}"))
+            name = job["metadata"]["name"]
+            events.append(("Normal", Reason.TRAINING, f"started Job {name}"))
+            job_attrs = {**attributes, catalog.JOB: name}
+            tracing.record(SpanName.PARTICIPANT_JOB, context, started, None, job_attrs)
         return True
     return False
+
+
+def _receipt_event(state: ReceiptState, round_number: int, step: lifecycle.Next) -> Any:
+    if state == ReceiptState.ACCEPTED:
+        return ("Normal", Reason.ADMITTED, f"accepted round {round_number}")
+    if state == ReceiptState.DECLINED:
+        return ("Warning", step.reason, f"declined round {round_number}: {step.message}")
+    return ("Warning", Reason.TRAINING_FAILED, f"round {round_number}: {step.message}")
+
+
+def participant_context(plan: Verified[RoundPlan], member: str) -> Any:
+    """This participant's span in the round (ids derived from the plan's trace context,
+    the same on every visit): the parent of its receipts, its Job and the trainer."""
+    return tracing.participant_span_context(plan.document.traceparent, plan.sha256, member)
+
+
+# Member states in which this participant's training is over (its span ends), and
+# those that are its final verdict on the round.
+_TRAINING_OVER = {
+    MemberState.UPLOADED, MemberState.MERGED, MemberState.REJECTED, MemberState.LATE,
+    MemberState.DECLINED, MemberState.FAILED,
+}  # fmt: skip
+_FINAL = _TRAINING_OVER - {MemberState.UPLOADED}
+
+
+def _observe_end(
+    store: ObjectStore,
+    config: ParticipantConfig,
+    view: PlanView,
+    step: lifecycle.Next,
+    before: dict[int, str],
+    now: datetime,
+) -> None:
+    """The visit that first sees this participant's training of a round over emits its
+    span (from its first receipt until now); the one that first sees the round's
+    verdict counts it. `before` holds the states the previous status recorded."""
+    plan = view.plan
+    if plan is None or config.member not in plan.document.names:
+        return
+    was = before.get(plan.document.round, "")
+    state = step.state
+    if state in _FINAL and was not in _FINAL:
+        attributes = {
+            catalog.FEDERATION: config.federation,
+            catalog.PARTICIPANT: config.member,
+            catalog.MEMBER_STATE: str(state),
+        }
+        metrics().participant_rounds.add(1, attributes)
+    if state not in _TRAINING_OVER or was in _TRAINING_OVER:
+        return
+    if not tracing_enabled():
+        return
+    receipts = read_receipts(store, config.layout, plan, config.member)
+    if not receipts:
+        return  # it never answered (late without a word): there is nothing to span
+    started = min(parse_time(r.document.created_at) for r in receipts.values())
+    failed = state in (MemberState.FAILED, MemberState.DECLINED, MemberState.LATE)
+    tracing.emit(
+        SpanName.PARTICIPANT_ROUND,
+        participant_context(plan, config.member),
+        parent=tracing.round_span_context(plan.document.traceparent, plan.sha256),
+        start=started,
+        end=now,
+        attributes={
+            catalog.FEDERATION: config.federation,
+            catalog.ROUND: plan.document.round,
+            catalog.PARTICIPANT: config.member,
+            catalog.MEMBER_STATE: str(state),
+        },
+        error=f"{step.reason}" if failed else None,
+    )
 
 
 def _remember(history: dict[int, dict[str, Any]], round_number: int, step: lifecycle.Next) -> None:

@@ -288,9 +288,10 @@ class UpdateManifest:
     tokens: int
     metrics: dict[str, float | str | None]
     created_at: str
+    traceparent: str | None = None  # the trace context the update was made in
 
     def to_json(self) -> dict[str, Any]:
-        return _header(self.KIND, self.federation, self.round) | {
+        out = _header(self.KIND, self.federation, self.round) | {
             "participant": self.participant,
             "plan": {"sha256": self.plan_sha256},
             "base": {"sha256": self.base_sha256},
@@ -300,13 +301,16 @@ class UpdateManifest:
             "metrics": self.metrics,
             "createdAt": self.created_at,
         }
+        if self.traceparent:
+            out["traceparent"] = self.traceparent
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> UpdateManifest:
         return cls(
             d["federation"], d["round"], d["participant"], d["plan"]["sha256"],
             d["base"]["sha256"], d["encoding"], tuple(ShardRef.from_json(s) for s in d["shards"]),
-            int(d["tokens"]), dict(d["metrics"]), d["createdAt"],
+            int(d["tokens"]), dict(d["metrics"]), d["createdAt"], d.get("traceparent"),
         )  # fmt: skip
 
 

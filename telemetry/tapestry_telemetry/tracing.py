@@ -163,17 +163,23 @@ def emit(
     flush()  # its end was observed once; a restart must not lose it in a buffer
 
 
+CURRENT = object()  # `phase`'s default parent: the current span
+
+
 @contextlib.contextmanager
 def phase(
     name: SpanName,
-    parent: SpanContext | str | None,
+    parent: SpanContext | str | None | object = CURRENT,
     attributes: Attributes | None = None,
     links: Sequence[Link] = (),
 ) -> Iterator[trace.Span]:
-    """A span around one action, child of `parent`, current inside the block. An
-    exception escaping the block marks it failed with the exception's type."""
+    """A span around one action, child of `parent` (a span context, a traceparent, None
+    for a new trace, or by default the current span), current inside the block. An
+    exception escaping the block marks it failed with the exception's type only: its
+    message could hold data."""
+    context = None if parent is CURRENT else parent_context(parent)  # type: ignore[arg-type]
     with tracer().start_as_current_span(
-        name, context=parent_context(parent), attributes=attributes, links=list(links),
+        name, context=context, attributes=attributes, links=list(links),
         record_exception=False, set_status_on_exception=False,
     ) as span:  # fmt: skip
         try:
@@ -190,3 +196,19 @@ def current_traceparent() -> str | None:
     parent's), else None."""
     span_context = trace.get_current_span().get_span_context()
     return format_traceparent(span_context) if span_context.is_valid else None
+
+
+def record(
+    name: SpanName,
+    parent: SpanContext | str | None,
+    start: datetime,
+    end: datetime | None = None,
+    attributes: Attributes | None = None,
+) -> None:
+    """A span for an action that is over and succeeded (a plan published, a Job
+    created), from `start` to `end` (default: now). Recorded after the fact, so an action
+    that turned out to be a repeat leaves no span."""
+    span = tracer().start_span(
+        name, context=parent_context(parent), attributes=attributes, start_time=_ns(start)
+    )
+    span.end(end_time=None if end is None else _ns(end))

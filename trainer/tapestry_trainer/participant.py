@@ -15,7 +15,9 @@ operator configures the pod.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch.distributed as dist
 
+import tapestry_telemetry as telemetry
 from tapestry_protocol import pod
 from tapestry_protocol.documents import ModelManifest, RoundPlan
 from tapestry_protocol.exchange import (
@@ -43,9 +46,13 @@ from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import FloatArray
 from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import ObjectStore, StoreError, open_store
+from tapestry_telemetry import Service, catalog, tracing
+from tapestry_telemetry.catalog import SpanName
+from tapestry_telemetry.store import metered
 from tapestry_trainer import plugins
 from tapestry_trainer.inner import (
     DistContext,
+    InnerResult,
     StepInfo,
     init_distributed,
     load_state_arrays,
@@ -153,7 +160,7 @@ def _fetch(args: argparse.Namespace) -> Fetched:
     except ValueError as e:
         raise ParticipantError(str(e), ExitCode.USAGE) from None
     try:
-        store = open_store(args.store)
+        store = metered(open_store(args.store), args.federation)
         layout = Layout(args.federation)
         plan = read_plan(store, layout, args.round, args.coordinator_key)
         names = set(plan.document.names)
@@ -173,11 +180,32 @@ def _fetch(args: argparse.Namespace) -> Fetched:
 
 
 def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
-    """The whole share of the round; returns the upload summary on rank 0."""
+    """The whole share of the round; returns the upload summary on rank 0.
+
+    Rank 0's spans continue the context the pod was given (`TRACEPARENT`: its
+    operator's span for this participant): one for the share, with the fetch, the inner
+    training and the upload inside; the update manifest records the share's span, which
+    the aggregator's span links to."""
+    attributes: dict[str, str | int] = {
+        catalog.FEDERATION: args.federation,
+        catalog.ROUND: args.round,
+        catalog.PARTICIPANT: args.name,
+    }
+    started = time.perf_counter()
+    with tracing.phase(SpanName.TRAINING, os.environ.get(pod.TRACEPARENT), attributes):
+        summary = _run(args, ctx)
+    if summary is not None:
+        labels = {catalog.FEDERATION: args.federation, catalog.PARTICIPANT: args.name}
+        telemetry.metrics().training_duration.record(time.perf_counter() - started, labels)
+    return summary
+
+
+def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     fetched, failure = None, None
     if ctx.is_main:
         try:
-            fetched = _fetch(args)
+            with tracing.phase(SpanName.TRAINING_FETCH):
+                fetched = _fetch(args)
         except ParticipantError as e:
             if not ctx.distributed:
                 raise
@@ -217,21 +245,26 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
 
     run_id = f"{args.federation}/{args.round}/{args.name}"
     checkpoints = args.workdir / "checkpoints" / args.federation / str(args.round) / args.name
-    result = train_inner(
-        model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id,
-        on_step=on_step if progress is not None else None,  # no per-step loss sync otherwise
-    )  # fmt: skip
+    inner = tracing.phase(SpanName.TRAINING_INNER) if ctx.is_main else contextlib.nullcontext()
+    with inner:
+        result = train_inner(
+            model, loader, config, ctx, checkpoint_dir=checkpoints, run_id=run_id,
+            on_step=on_step if progress is not None else None,  # no per-step loss sync else
+        )  # fmt: skip
     if fetched is None:
         return None
+    _record_training(args, config, result)
+    traceparent = tracing.current_traceparent()  # the share's span, for the manifest
     delta = compute_delta(fetched.base_arrays, state_arrays(model))
     metrics: dict[str, float | str | None] = {**result.to_dict(), "worldSize": ctx.world_size}
     metrics["trainLoss"] = metrics.pop("meanLoss")  # the protocol's name for it
     _report(progress, ProgressEvent(Phase.UPLOAD, config.steps, config.steps, message="uploading"))
     started = time.perf_counter()
-    update = publish_update(
-        fetched.store, fetched.layout, fetched.plan, fetched.base, delta, fetched.signer,
-        tokens=result.tokens, metrics=metrics,
-    )  # fmt: skip
+    with tracing.phase(SpanName.TRAINING_UPLOAD):
+        update = publish_update(
+            fetched.store, fetched.layout, fetched.plan, fetched.base, delta, fetched.signer,
+            tokens=result.tokens, metrics=metrics, traceparent=traceparent,
+        )  # fmt: skip
     summary = {
         "manifest": update.key,
         "tokens": result.tokens,
@@ -246,6 +279,23 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     )  # fmt: skip
     _report(progress, done)
     return summary
+
+
+def _record_training(args: argparse.Namespace, config: InnerConfig, result: InnerResult) -> None:
+    """The inner run's loss, throughput, step time and tokens (rank 0: all ranks'
+    figures are already reduced)."""
+    instruments = telemetry.metrics()
+    labels = {catalog.FEDERATION: args.federation, catalog.PARTICIPANT: args.name}
+    if math.isfinite(result.mean_loss):
+        instruments.training_loss.set(result.mean_loss, labels)
+    instruments.training_throughput.set(result.tokens_per_s, labels)
+    if result.tokens_per_s > 0:  # the loop's time per step, from its token rate
+        instruments.training_step_duration.record(
+            config.tokens_per_step / result.tokens_per_s, labels
+        )
+    trained = (result.steps - result.resumed_from) * config.tokens_per_step
+    if trained > 0:
+        instruments.training_tokens.add(trained, labels)
 
 
 def _report(progress: Path | None, event: ProgressEvent) -> None:
@@ -263,6 +313,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tapestry participant: {e}", file=sys.stderr)
         _verdict(args.verdict, e.code, str(e))
         return int(e.code)
+    # Rank 0 exports (OTEL_* environment) and flushes before it exits, even on failure.
+    exporting = (
+        telemetry.process(Service.TRAINER, federation=args.federation, participant=args.name)
+        if ctx.is_main
+        else contextlib.nullcontext()
+    )
+    with exporting:
+        return _main(args, ctx)
+
+
+def _main(args: argparse.Namespace, ctx: DistContext) -> int:
     try:
         summary = run(args, ctx)
         if summary is not None:
