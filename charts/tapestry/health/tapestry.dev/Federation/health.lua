@@ -3,9 +3,10 @@
 -- can start), Progressing while it is being published, Degraded when it cannot be
 -- (a failed bootstrap Job, a base that does not verify, an invalid spec).
 -- >>> shared: the same in the health.lua of every tapestry.dev kind (a test checks it)
--- The operator's conditions decide, read in kstatus's order: a status older than the
--- spec, then Stalled=True (Degraded), Reconciling=True (Progressing), Ready=True
--- (Healthy), and all three False: nothing to do and nothing wrong (Suspended).
+-- The operator's conditions decide, in kstatus's order: a status older than the spec
+-- first, then Stalled=True (Degraded), Reconciling=True (Progressing), Ready=True
+-- (Healthy); all three False is a hold, nothing to do and nothing wrong (Suspended,
+-- which kstatus reads as InProgress).
 -- Only the base and table libraries: Argo CD runs scripts from argocd-cm without the
 -- string, math and os libraries (and strings have no methods there).
 local function condition(status, kind)

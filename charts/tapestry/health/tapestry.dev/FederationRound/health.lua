@@ -3,9 +3,10 @@
 -- aggregates, Degraded when it failed (no quorum, the aggregator failed, a duplicate
 -- round, an invalid spec), Suspended while spec.suspend holds it.
 -- >>> shared: the same in the health.lua of every tapestry.dev kind (a test checks it)
--- The operator's conditions decide, read in kstatus's order: a status older than the
--- spec, then Stalled=True (Degraded), Reconciling=True (Progressing), Ready=True
--- (Healthy), and all three False: nothing to do and nothing wrong (Suspended).
+-- The operator's conditions decide, in kstatus's order: a status older than the spec
+-- first, then Stalled=True (Degraded), Reconciling=True (Progressing), Ready=True
+-- (Healthy); all three False is a hold, nothing to do and nothing wrong (Suspended,
+-- which kstatus reads as InProgress).
 -- Only the base and table libraries: Argo CD runs scripts from argocd-cm without the
 -- string, math and os libraries (and strings have no methods there).
 local function condition(status, kind)
