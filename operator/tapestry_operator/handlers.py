@@ -85,6 +85,9 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
 
     def daemon(plural: str, reconcile: Reconcile) -> None:
+        # Zero from the start, so the error rate is defined before the first error.
+        metrics().reconcile_errors.add(0, {catalog.RESOURCE: plural})
+
         @kopf.daemon(
             api.GROUP, api.VERSION, plural, registry=registry, id=f"tapestry-{plural}",
             cancellation_timeout=10.0,

@@ -84,7 +84,8 @@ class Instrument(StrEnum):
 @dataclass(frozen=True)
 class MetricDef:
     """One metric: its OpenTelemetry name, kind, unit, description, attribute keys, the
-    Prometheus name it gets after translation, and histogram bucket boundaries."""
+    Prometheus name it gets after translation, the processes that emit it, and histogram
+    bucket boundaries."""
 
     name: str
     instrument: Instrument
@@ -92,8 +93,16 @@ class MetricDef:
     description: str
     attributes: tuple[str, ...]
     prometheus: str
+    by: tuple[Service, ...]  # the processes that emit it
     buckets: tuple[float, ...] = ()
 
+
+# who emits what: the operator's roles (and the local runner, which drives both)
+_COORDINATION = (Service.OPERATOR, Service.LOCAL)
+_AGGREGATOR = (Service.AGGREGATOR, Service.LOCAL)
+_TRAINER = (Service.TRAINER,)
+_OPERATOR = (Service.OPERATOR,)
+_EVERYONE = (Service.OPERATOR, Service.TRAINER, Service.AGGREGATOR, Service.LOCAL)
 
 _LONG_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 _MEDIUM_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -102,7 +111,8 @@ _SHORT_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 ROUND_DURATION = MetricDef(
     "tapestry.round.duration", Instrument.HISTOGRAM, "s",
     "Time from a round's plan publication to its signed result, by outcome",
-    (FEDERATION, ROUND_OUTCOME), "tapestry_round_duration_seconds", _LONG_S,
+    (FEDERATION, ROUND_OUTCOME), "tapestry_round_duration_seconds",
+    _COORDINATION, _LONG_S,
 )  # fmt: skip
 """Prometheus: `tapestry_round_duration_seconds` (`_bucket`, `_sum`, `_count`); the
 count by `tapestry_round_outcome` is the number of rounds that succeeded or failed."""
@@ -111,6 +121,7 @@ ROUND_NUMBER = MetricDef(
     "tapestry.round.number", Instrument.GAUGE, "{round}",
     "The newest round of the federation the coordinator is working on",
     (FEDERATION,), "tapestry_round_number",
+    _COORDINATION,
 )  # fmt: skip
 """Prometheus: `tapestry_round_number`."""
 
@@ -119,6 +130,7 @@ ROUND_MEMBERS = MetricDef(
     "Members of the federation's current round in each state (reporting = Uploaded, "
     "Merged, Rejected; out = Declined, Failed, Late)",
     (FEDERATION, MEMBER_STATE), "tapestry_round_members",
+    _COORDINATION,
 )  # fmt: skip
 """Prometheus: `tapestry_round_members`; every state is reported, 0 where none is."""
 
@@ -126,6 +138,7 @@ ROUND_UPDATES = MetricDef(
     "tapestry.round.updates", Instrument.COUNTER, "{update}",
     "Members judged by a round's result: accepted (merged) or rejected, with the reason",
     (FEDERATION, UPDATE_VERDICT, REJECTION_REASON), "tapestry_round_updates_total",
+    _COORDINATION,
 )  # fmt: skip
 """Prometheus: `tapestry_round_updates_total`; `tapestry_rejection_reason` is empty for
 accepted updates."""
@@ -135,6 +148,7 @@ PARTICIPANT_ROUNDS = MetricDef(
     "Rounds this participant finished, by its final state (Merged, Rejected, Late, "
     "Declined, Failed)",
     (FEDERATION, PARTICIPANT, MEMBER_STATE), "tapestry_participant_rounds_total",
+    _COORDINATION,
 )  # fmt: skip
 """Prometheus: `tapestry_participant_rounds_total`."""
 
@@ -142,13 +156,15 @@ STORE_IO = MetricDef(
     "tapestry.store.io", Instrument.COUNTER, "By",
     "Bytes moved to (transmit) and from (receive) the object store",
     (FEDERATION, NETWORK_IO_DIRECTION), "tapestry_store_io_bytes_total",
+    _EVERYONE,
 )  # fmt: skip
 """Prometheus: `tapestry_store_io_bytes_total` by `network_io_direction`."""
 
 AGGREGATION_DURATION = MetricDef(
     "tapestry.aggregation.duration", Instrument.HISTOGRAM, "s",
     "Time the aggregator took to merge a closed round and publish its result",
-    (FEDERATION, ROUND_OUTCOME), "tapestry_aggregation_duration_seconds", _MEDIUM_S,
+    (FEDERATION, ROUND_OUTCOME), "tapestry_aggregation_duration_seconds",
+    _AGGREGATOR, _MEDIUM_S,
 )  # fmt: skip
 """Prometheus: `tapestry_aggregation_duration_seconds`."""
 
@@ -156,20 +172,23 @@ AGGREGATION_THROUGHPUT = MetricDef(
     "tapestry.aggregation.throughput", Instrument.GAUGE, "By/s",
     "Delta bytes merged per second of streaming merge, in the last aggregation",
     (FEDERATION,), "tapestry_aggregation_throughput_bytes_per_second",
+    _AGGREGATOR,
 )  # fmt: skip
 """Prometheus: `tapestry_aggregation_throughput_bytes_per_second`."""
 
 TRAINING_DURATION = MetricDef(
     "tapestry.training.duration", Instrument.HISTOGRAM, "s",
     "Time of one participant's share of a round: fetch, inner training, upload",
-    (FEDERATION, PARTICIPANT), "tapestry_training_duration_seconds", _LONG_S,
+    (FEDERATION, PARTICIPANT), "tapestry_training_duration_seconds",
+    _TRAINER, _LONG_S,
 )  # fmt: skip
 """Prometheus: `tapestry_training_duration_seconds`."""
 
 TRAINING_STEP_DURATION = MetricDef(
     "tapestry.training.step.duration", Instrument.HISTOGRAM, "s",
     "Mean time of one inner optimizer step in a training run",
-    (FEDERATION, PARTICIPANT), "tapestry_training_step_duration_seconds", _SHORT_S,
+    (FEDERATION, PARTICIPANT), "tapestry_training_step_duration_seconds",
+    _TRAINER, _SHORT_S,
 )  # fmt: skip
 """Prometheus: `tapestry_training_step_duration_seconds`. One value per run (the mean):
 timing each step would need a device synchronisation per step."""
@@ -178,6 +197,7 @@ TRAINING_LOSS = MetricDef(
     "tapestry.training.loss", Instrument.GAUGE, "{nat}",
     "Mean training loss (cross-entropy, nats per token) of the last inner run",
     (FEDERATION, PARTICIPANT), "tapestry_training_loss",
+    _TRAINER,
 )  # fmt: skip
 """Prometheus: `tapestry_training_loss`."""
 
@@ -185,6 +205,7 @@ TRAINING_THROUGHPUT = MetricDef(
     "tapestry.training.throughput", Instrument.GAUGE, "{token}/s",
     "Tokens per second of the last inner run, all ranks together",
     (FEDERATION, PARTICIPANT), "tapestry_training_throughput_per_second",
+    _TRAINER,
 )  # fmt: skip
 """Prometheus: `tapestry_training_throughput_per_second` (the `{token}` annotation is
 dropped by the translation)."""
@@ -193,13 +214,15 @@ TRAINING_TOKENS = MetricDef(
     "tapestry.training.tokens", Instrument.COUNTER, "{token}",
     "Tokens trained on, over every inner run",
     (FEDERATION, PARTICIPANT), "tapestry_training_tokens_total",
+    _TRAINER,
 )  # fmt: skip
 """Prometheus: `tapestry_training_tokens_total`."""
 
 RECONCILE_DURATION = MetricDef(
     "tapestry.operator.reconcile.duration", Instrument.HISTOGRAM, "s",
     "Time of one reconcile visit of a resource",
-    (RESOURCE,), "tapestry_operator_reconcile_duration_seconds", _SHORT_S,
+    (RESOURCE,), "tapestry_operator_reconcile_duration_seconds",
+    _OPERATOR, _SHORT_S,
 )  # fmt: skip
 """Prometheus: `tapestry_operator_reconcile_duration_seconds`."""
 
@@ -207,6 +230,7 @@ RECONCILE_ERRORS = MetricDef(
     "tapestry.operator.reconcile.errors", Instrument.COUNTER, "{error}",
     "Reconcile visits that failed (and are retried with backoff), by error type",
     (RESOURCE, ERROR_TYPE), "tapestry_operator_reconcile_errors_total",
+    _OPERATOR,
 )  # fmt: skip
 """Prometheus: `tapestry_operator_reconcile_errors_total` by `error_type` (the
 exception's class; `StoreError` subclasses when the store is unavailable)."""

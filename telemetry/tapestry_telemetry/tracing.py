@@ -169,7 +169,7 @@ CURRENT = object()  # `phase`'s default parent: the current span
 @contextlib.contextmanager
 def phase(
     name: SpanName,
-    parent: SpanContext | str | None | object = CURRENT,
+    parent: SpanContext | str | object | None = CURRENT,
     attributes: Attributes | None = None,
     links: Sequence[Link] = (),
 ) -> Iterator[trace.Span]:

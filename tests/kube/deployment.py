@@ -82,6 +82,7 @@ class Setup:
     prepare: Callable[[ObjectStore, Keys], Obj] | None = None
     isolated: bool = True  # suffix namespaces and bucket, so tests share nothing
     fast: bool = True  # FAST round defaults instead of the example's
+    operator_env: Mapping[str, str] = field(default_factory=dict)  # e.g. OTEL_* settings
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -272,8 +273,9 @@ def deploy(
         for obj in data_volume(ns, data):
             client.apply(obj)
     operator = OperatorProcess(
-        cluster.kubeconfig, tmp_path / "operator.log", namespaces=namespaces
-    ).start()
+        cluster.kubeconfig, tmp_path / "operator.log", namespaces=namespaces,
+        env=dict(setup.operator_env),
+    ).start()  # fmt: skip
     try:
         for doc in docs:
             kind, name = doc["kind"], doc["metadata"]["name"]

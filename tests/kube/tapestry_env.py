@@ -167,13 +167,19 @@ class OperatorProcess:
     role: str = "both"
     namespaces: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    # Extra environment (e.g. OTEL_* settings). Unless it sets TAPESTRY_METRICS_PORT,
+    # the Prometheus endpoint is off; when it does, it listens on 127.0.0.1.
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> OperatorProcess:
         args = [sys.executable, "-m", "tapestry_operator", "--role", self.role]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         args += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        if "TAPESTRY_METRICS_PORT" not in self.env:
+            args += ["--metrics-port", "0"]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env.update({"OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1", **self.env})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
