@@ -318,6 +318,7 @@ def test_the_charts_containers_run_in_the_operator_image(
     for workload, container in ours:
         command = container["command"]
         if command[:2] == ["python", "-m"]:  # the operator: its flags are parsed
+            assert command == images.dockerfile("operator").final.exec_form("ENTRYPOINT")
             args = [a for a in container.get("args", []) if not a.startswith("--namespace")]
             argv = [*command, *args, "--help"]
             done = run_in(operator_image, argv, tmp_path)
