@@ -22,6 +22,7 @@ from tests.tools import (
     Prometheus,
     PrometheusError,
     ToolError,
+    ensure_tools,
     kstatus,
     run_helm,
 )
@@ -35,6 +36,14 @@ def _pin(tool: str, module: str) -> str:
     match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)} (v\S+)", text, re.MULTILINE)
     assert match, f"{module} is not pinned in tools/{tool}/go.mod"
     return match.group(1)
+
+
+def test_a_missing_tool_fails_with_the_scripts_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TAPESTRY_TOOLS_ASSETS", str(tmp_path))
+    with pytest.raises(ToolError, match="lacks executable: helm prometheus"):
+        ensure_tools("helm", "prometheus")
 
 
 # -- helm ------------------------------------------------------------------------------

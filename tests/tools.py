@@ -78,19 +78,36 @@ _built: dict[str, Path] = {}
 _build_lock = threading.Lock()
 
 
+TOOLS = ("helm", "kstatus", "prometheus")
+
+
 def tool_path(name: str) -> Path:
     """The binary of one tool ("helm", "kstatus", "prometheus"), built if not cached."""
+    if name not in _built:
+        ensure_tools(name)
+    return _built[name]
+
+
+def ensure_tools(*names: str) -> Path:
+    """Builds (or finds) the named tools, all of them by default, in one run of the
+    script; returns their directory. A session hook can call this before the first test,
+    so that a cold build (minutes) does not count against a test's timeout."""
+    wanted = names or TOOLS
     with _build_lock:
-        if name not in _built:
-            _built[name] = _build(name) / name
-        return _built[name]
+        directory = _build(*wanted)
+        for name in wanted:
+            _built[name] = directory / name
+        return directory
 
 
-def _build(name: str) -> Path:
-    """Runs build-tools.sh for one tool, copying its progress to stderr (a cold build takes
-    minutes and should not look like a hang)."""
+def _build(*names: str) -> Path:
+    """Runs build-tools.sh, copying its progress to stderr (a cold build takes minutes
+    and should not look like a hang)."""
     proc = subprocess.Popen(
-        ["bash", str(BUILD_TOOLS), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", str(BUILD_TOOLS), *names],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
     tail: deque[str] = deque(maxlen=40)
@@ -101,8 +118,9 @@ def _build(name: str) -> Path:
     out = proc.stdout.read().strip().splitlines()
     if proc.wait() != 0 or not out:
         raise ToolError(
-            f"{BUILD_TOOLS} {name} failed (exit {proc.returncode}); it needs Go >= 1.26 and"
-            " the Go module proxy (or TAPESTRY_TOOLS_ASSETS=<dir with prebuilt binaries>)."
+            f"{BUILD_TOOLS} {' '.join(names)} failed (exit {proc.returncode});"
+            " it needs Go >= 1.26.7 and the Go module proxy"
+            " (or TAPESTRY_TOOLS_ASSETS=<dir with prebuilt binaries>)."
             " Its last output:\n" + "".join(tail)
         )
     return Path(out[-1])
