@@ -8,6 +8,7 @@ reads each testdata object as docs/gitops.md's table says.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -44,8 +45,9 @@ KSTATUS_OF = {"Healthy": "Current", "Progressing": "InProgress", "Degraded": "Fa
               "Suspended": "InProgress"}  # fmt: skip
 
 
+@functools.cache
 def crd_docs() -> dict[str, dict[str, Any]]:
-    """The CRDs of crds/, by kind."""
+    """The CRDs of crds/, by kind (parsed once; callers only read them)."""
     out = {}
     for path in CRDS:
         doc = yaml.safe_load(path.read_text())

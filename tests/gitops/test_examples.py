@@ -11,6 +11,7 @@ name is a kustomization of that repository.
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -180,6 +181,7 @@ def deploy_docs(repository: Path) -> list[dict[str, Any]]:
     ]
 
 
+@functools.cache
 def crd_schema(kind: str) -> dict[str, Any]:
     for path in (REPO_ROOT / "crds").glob("*.yaml"):
         doc = yaml.safe_load(path.read_text())
