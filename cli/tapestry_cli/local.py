@@ -96,6 +96,7 @@ class Participant:
     verdict_file: Path = field(default_factory=Path)
     task: TaskID | None = None
     signer: Any = None
+    state: str = ""  # its member state at the last look (telemetry: what changed)
 
 
 def _participants(args: argparse.Namespace, workdir: Path) -> list[Participant]:
@@ -220,8 +221,11 @@ class Federation:
         from tapestry_protocol.documents import rfc3339
         from tapestry_protocol.exchange import make_plan, publish_plan
         from tapestry_protocol.store import ObjectExists
+        from tapestry_telemetry import rounds, tracing
+        from tapestry_telemetry.catalog import SpanName
 
         keys = {p.name: self._key_file(p.name, ".pub").read_text().strip() for p in self.people}
+        traceparent = tracing.new_traceparent()  # the round's trace: its span's ids
         plan = make_plan(
             self.layout,
             round_number,
@@ -232,9 +236,13 @@ class Federation:
             min_participants=max(1, (len(self.people) + 1) // 2),
             deadline=rfc3339(datetime.now(UTC) + timedelta(hours=1)),
             encoding=self.args.encoding,
+            traceparent=traceparent,
         )
+        started = datetime.now(UTC)
         with contextlib.suppress(ObjectExists):  # a re-run: the round was planned before
             publish_plan(store, self.layout, plan, coordinator)
+            attributes = rounds.action_attributes(self.layout.federation, round_number)
+            tracing.record(SpanName.ROUND_PUBLISH, traceparent, started, None, attributes)
 
     def _round(self, store: Any, coordinator: Any, round_number: int) -> Any:
         """Drive one round to its result: the same decisions as the operator's
@@ -242,10 +250,13 @@ class Federation:
         from tapestry_aggregator.merge import aggregate_round
         from tapestry_lifecycle import coordinator as lifecycle
         from tapestry_lifecycle.coordinator import Action
+        from tapestry_lifecycle.states import MemberState
         from tapestry_protocol.documents import CloseTrigger
-        from tapestry_protocol.exchange import close_round
+        from tapestry_telemetry import rounds
 
         key = coordinator.public_key_text
+        federation = self.layout.federation
+        progressed = False  # this run saw the round before its result (a re-run may not)
         with Progress(
             TextColumn("  {task.description:>14}"),
             BarColumn(),
@@ -258,6 +269,11 @@ class Federation:
                 now = datetime.now(UTC)
                 view = lifecycle.observe_round(store, self.layout, round_number, key, now)
                 step = lifecycle.decide(view, suspended=False, base_ready=True, poll=POLL)
+                if view.plan is not None:
+                    states = [str(s) for s in lifecycle.member_states(view).values()]
+                    rounds.record_members(federation, round_number, states, map(str, MemberState))
+                if step.action not in (Action.DONE, Action.STALLED):
+                    progressed = True
                 if step.action == Action.PUBLISH_PLAN:
                     base = lifecycle.round_base(store, self.layout, round_number, key)
                     if base is None:
@@ -265,7 +281,7 @@ class Federation:
                     self._plan(store, coordinator, round_number, base)
                 elif step.action == Action.CLOSE and view.plan is not None:
                     assert step.trigger is not None
-                    close_round(store, self.layout, view.plan, coordinator, step.trigger, now)
+                    self._close(store, coordinator, view.plan, step.trigger, now)
                 elif step.action == Action.AGGREGATE:
                     task = bars.add_task("aggregator", total=None, info="merging")
 
@@ -278,14 +294,27 @@ class Federation:
                         progress=merged,
                     )  # fmt: skip
                 elif step.action in (Action.DONE, Action.STALLED):
-                    assert view.result is not None
+                    assert view.result is not None and view.plan is not None
+                    if progressed:  # the participants' last look, then the round's end
+                        self._last_look(store, round_number, key)
+                        result = view.result.document
+                        rounds.round_over(federation, view.plan, result, now, step.message)
                     return view.result.document
                 elif not self._participants(store, round_number, key, bars) and view.plan:
                     # Every local participant has answered or cannot: nothing more can
                     # arrive, so close now instead of waiting for the plan's deadline.
-                    close_round(
-                        store, self.layout, view.plan, coordinator, CloseTrigger.MANUAL, now
-                    )
+                    self._close(store, coordinator, view.plan, CloseTrigger.MANUAL, now)
+
+    def _close(self, store: Any, coordinator: Any, plan: Any, trigger: Any, now: Any) -> None:
+        from tapestry_protocol.exchange import close_round
+        from tapestry_telemetry import catalog, rounds, tracing
+        from tapestry_telemetry.catalog import SpanName
+
+        attributes = rounds.action_attributes(
+            self.layout.federation, plan.document.round, **{catalog.CLOSE_TRIGGER: str(trigger)}
+        )
+        with tracing.phase(SpanName.ROUND_CLOSE, rounds.round_context(plan), attributes):
+            close_round(store, self.layout, plan, coordinator, trigger, now)
 
     # -- the participants' side ---------------------------------------------------------
 
@@ -300,6 +329,7 @@ class Federation:
         from tapestry_lifecycle.states import MemberState
         from tapestry_protocol.documents import ReceiptState
         from tapestry_protocol.exchange import publish_receipt
+        from tapestry_telemetry import rounds
 
         now = datetime.now(UTC)
         busy = False
@@ -315,23 +345,31 @@ class Federation:
             busy |= (
                 step.do not in (Do.DONE, Do.IGNORE, Do.WAIT) or step.state == MemberState.TRAINING
             )
+            if view.plan is not None:
+                self._observe_member(store, p, view.plan, str(step.state), now)
             if step.do == Do.ACCEPT and view.plan is not None:
-                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.ACCEPTED,
-                                str(step.reason), "training started")  # fmt: skip
-            elif step.do == Do.TRAIN:
-                self._launch(p, round_number, coordinator_key)
+                with self._receipt_span(p, view.plan, ReceiptState.ACCEPTED):
+                    publish_receipt(store, self.layout, view.plan, p.signer,
+                                    ReceiptState.ACCEPTED, str(step.reason),
+                                    "training started")  # fmt: skip
+            elif step.do == Do.TRAIN and view.plan is not None:
+                self._launch(p, round_number, coordinator_key,
+                             rounds.training_traceparent(view.plan, p.name))  # fmt: skip
                 if p.task is None:
                     p.task = bars.add_task(p.name, total=self.config.steps, info="starting")
             elif step.do == Do.REPORT_FAILED and view.plan is not None:
-                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.FAILED,
-                                str(step.reason), step.message)  # fmt: skip
+                with self._receipt_span(p, view.plan, ReceiptState.FAILED):
+                    publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.FAILED,
+                                    str(step.reason), step.message)  # fmt: skip
                 console.print(
                     f"  [red]{p.name} failed[/]: {step.message}\n  full log: {p.log_file}",
                     highlight=False,
                 )
             elif step.do == Do.DECLINE and view.plan is not None:
-                publish_receipt(store, self.layout, view.plan, p.signer, ReceiptState.DECLINED,
-                                str(step.reason), step.message)  # fmt: skip
+                with self._receipt_span(p, view.plan, ReceiptState.DECLINED):
+                    publish_receipt(store, self.layout, view.plan, p.signer,
+                                    ReceiptState.DECLINED, str(step.reason),
+                                    step.message)  # fmt: skip
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             for p in self.people:
@@ -342,6 +380,57 @@ class Federation:
                 break
             time.sleep(0.3)
         return busy
+
+    def _last_look(self, store: Any, round_number: int, coordinator_key: str) -> None:
+        """Each participant's view of the finished round, as its operator's next visit
+        would take it (its span and verdict, if not recorded yet)."""
+        from tapestry_lifecycle import participant as lifecycle
+        from tapestry_lifecycle.participant import Admission
+
+        now = datetime.now(UTC)
+        for p in self.people:
+            if p.signer is None:
+                continue
+            training, message = self._training_state(p)
+            view = lifecycle.observe_plan(
+                store, self.layout, round_number, p.name, coordinator_key, now,
+                training=training, training_message=message,
+            )  # fmt: skip
+            if view.plan is not None:
+                step = lifecycle.decide(view, Admission.AUTOMATIC)
+                self._observe_member(store, p, view.plan, str(step.state), now)
+
+    def _receipt_span(self, p: Participant, plan: Any, state: Any) -> Any:
+        """The span around one of `p`'s signed receipts, as its operator records it."""
+        from tapestry_telemetry import catalog, rounds, tracing
+        from tapestry_telemetry.catalog import SpanName
+
+        attributes = rounds.action_attributes(
+            self.layout.federation, plan.document.round, p.name,
+            **{catalog.RECEIPT_STATE: str(state)},
+        )  # fmt: skip
+        return tracing.phase(
+            SpanName.PARTICIPANT_RECEIPT, rounds.participant_context(plan, p.name), attributes
+        )
+
+    def _observe_member(
+        self, store: Any, p: Participant, plan: Any, state: str, now: datetime
+    ) -> None:
+        """`p`'s span once its training is over, and its verdict once it is final: the
+        same rules as its operator's, with the state of the last look kept in memory."""
+        from tapestry_protocol.exchange import read_receipts
+        from tapestry_telemetry import rounds, tracing_enabled
+
+        was, p.state = p.state, state
+        federation = self.layout.federation
+        if state in rounds.FINAL and was not in rounds.FINAL:
+            rounds.participant_verdict(federation, p.name, state)
+        if state in rounds.TRAINING_OVER and was not in rounds.TRAINING_OVER and tracing_enabled():
+            receipts = read_receipts(store, self.layout, plan, p.name).values()
+            rounds.participant_over(
+                federation, p.name, plan, state, receipts, now,
+                failed=state in rounds.UNSUCCESSFUL,
+            )  # fmt: skip
 
     def _training_state(self, p: Participant) -> tuple[Any, str]:
         """The participant's training process as the lifecycle sees a Job."""
@@ -360,9 +449,14 @@ class Federation:
             message = failure_reason(p.log_file.read_text(errors="replace"))
         return JobState.FAILED, f"exit code {code}: {message}"
 
-    def _launch(self, p: Participant, round_number: int, coordinator_key: str) -> None:
-        """The training process, started as a pod starts it (`tapestry_trainer.launch`)."""
+    def _launch(
+        self, p: Participant, round_number: int, coordinator_key: str, traceparent: str | None
+    ) -> None:
+        """The training process, started as a pod starts it (`tapestry_trainer.launch`),
+        with this process's OTEL_* settings and `traceparent` to continue."""
         from tapestry_protocol import pod
+        from tapestry_telemetry import rounds, tracing
+        from tapestry_telemetry.catalog import SpanName
 
         logs = self.workdir / "logs" / f"round-{round_number:03d}"
         logs.mkdir(parents=True, exist_ok=True)
@@ -387,9 +481,15 @@ class Federation:
             pod.PROGRESS: str(p.progress_file),
             pod.VERDICT: str(p.verdict_file),
         }
+        if traceparent:
+            env[pod.TRACEPARENT] = traceparent
         command = [sys.executable, "-m", "tapestry_trainer.launch"]
+        started = datetime.now(UTC)
         with p.log_file.open("wb") as log:
             p.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        parent = tracing.parse_traceparent(traceparent)
+        attributes = rounds.action_attributes(self.layout.federation, round_number, p.name)
+        tracing.record(SpanName.PARTICIPANT_JOB, parent, started, None, attributes)
 
     @staticmethod
     def _last_progress(p: Participant) -> ProgressEvent | None:
@@ -420,6 +520,14 @@ class Federation:
                 console.print(f"  [red]{p.name} cannot take part[/]: {e}", highlight=False)
 
     def run(self) -> int:
+        """The whole local federation; its spans and metrics go to the OTEL_*
+        environment's collector (if any) and are flushed before it returns."""
+        import tapestry_telemetry as telemetry
+
+        with telemetry.process(telemetry.Service.LOCAL, federation=self.layout.federation):
+            return self._run()
+
+    def _run(self) -> int:
         from tapestry_aggregator.memory import keep_freed_memory
         from tapestry_protocol.documents import Outcome
         from tapestry_protocol.exchange import read_model
@@ -429,7 +537,9 @@ class Federation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         coordinator = self._keys()
         self._prepare_data()
-        store = self._open_store()
+        from tapestry_telemetry.store import metered
+
+        store = metered(self._open_store(), self.layout.federation)
         keep_freed_memory()
         base = publish_initial_base(store, self.layout, self.spec, coordinator)
         self._signers()
@@ -444,7 +554,7 @@ class Federation:
         for r in range(self.args.rounds):
             round_started = time.monotonic()
             for p in self.people:
-                p.process, p.task = None, None
+                p.process, p.task, p.state = None, None, ""
             result = self._round(store, coordinator, r)
             loss = result.metrics.get("trainLoss")
             rejected = ", ".join(f"{x.participant} ({x.reason})" for x in result.rejected)

@@ -8,7 +8,6 @@ calls, so the daemons in `handlers` run it in a worker thread.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,10 +21,9 @@ from tapestry_operator.config import FederationConfig, RoundConfig
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
 from tapestry_protocol import rejections
-from tapestry_protocol.documents import Outcome, RoundPlan, parse_time, rfc3339
+from tapestry_protocol.documents import Outcome, parse_time, rfc3339
 from tapestry_protocol.exchange import (
     COORDINATOR,
-    Verified,
     close_round,
     make_plan,
     publish_plan,
@@ -36,7 +34,7 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import ObjectExists, ObjectStore
-from tapestry_telemetry import catalog, metrics, tracing
+from tapestry_telemetry import catalog, rounds, tracing
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
 
@@ -161,12 +159,12 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
             continue
         if step.action == Action.CLOSE and view.plan is not None and step.trigger is not None:
             trigger: dict[str, str | int] = {**span_attrs, catalog.CLOSE_TRIGGER: str(step.trigger)}
-            with tracing.phase(SpanName.ROUND_CLOSE, round_context(view.plan), trigger):
+            with tracing.phase(SpanName.ROUND_CLOSE, rounds.round_context(view.plan), trigger):
                 close_round(store, layout, view.plan, signer, step.trigger, now)
             events.append(("Normal", Reason.CLOSED, f"round closed: {step.message}"))
             continue
         if step.action == Action.AGGREGATE and view.plan is not None:
-            context = round_context(view.plan)
+            context = rounds.round_context(view.plan)
             traceparent = tracing.format_traceparent(context)
             started = datetime.now(UTC)
             aggregator = builders.build_aggregator_job(federation, config, body, traceparent)
@@ -177,11 +175,15 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
             continue
         break
     if view.plan is not None:
-        _observe_metrics(federation.name, config.round, view)
+        states = [str(s) for s in lifecycle.member_states(view).values()]
+        rounds.record_members(federation.name, config.round, states, map(str, MemberState))
+    # The visit that first sees the round's result (or its terminal failure) ends it.
     finished = view.result is not None and "result" not in previous
     stalled = step.action == Action.STALLED and previous.get("phase") != RoundPhase.FAILED
     if view.plan is not None and (finished or stalled):
-        _round_over(federation.name, view.plan, view, now, previous, step)
+        ended = parse_time(previous["completedAt"]) if previous.get("completedAt") else now
+        result = view.result.document if view.result is not None else None
+        rounds.round_over(federation.name, view.plan, result, ended, step.message)
     fields = round_fields(view, step.phase)
     if view.plan is not None:
         fields["startedAt"] = view.plan.document.issued_at
@@ -195,64 +197,6 @@ def reconcile_round(kube: Kube, body: dict[str, Any], now: datetime) -> Visit:
 
 
 SETTLED_RECHECK_S = 300.0
-
-
-def round_context(plan: Verified[RoundPlan]) -> Any:
-    """The round span's context (the plan's traceparent): the parent of every span of
-    the round."""
-    return tracing.round_span_context(plan.document.traceparent, plan.sha256)
-
-
-def _observe_metrics(federation: str, round_number: int, view: RoundView) -> None:
-    """The round's number and how many members are in each state, on every visit."""
-    instruments = metrics()
-    instruments.round_number.set(round_number, {catalog.FEDERATION: federation})
-    counts = Counter(lifecycle.member_states(view).values())
-    for state in MemberState:
-        attributes = {catalog.FEDERATION: federation, catalog.MEMBER_STATE: str(state)}
-        instruments.round_members.set(counts.get(state, 0), attributes)
-
-
-def _round_over(
-    federation: str,
-    plan: Verified[RoundPlan],
-    view: RoundView,
-    now: datetime,
-    previous: dict[str, Any],
-    step: lifecycle.Step,
-) -> None:
-    """The visit that first sees a round's result (or its terminal failure): the round's
-    span, from the plan's issuedAt until now, its duration and its members' verdicts."""
-    started = parse_time(plan.document.issued_at)
-    ended = parse_time(previous["completedAt"]) if previous.get("completedAt") else now
-    result = view.result.document if view.result is not None else None
-    outcome = str(result.outcome) if result is not None else str(Outcome.FAILED)
-    attributes: dict[str, Any] = {
-        catalog.FEDERATION: federation,
-        catalog.ROUND: plan.document.round,
-        catalog.ROUND_OUTCOME: outcome,
-    }
-    error = None if outcome == Outcome.SUCCEEDED else (step.message or outcome)
-    tracing.emit(
-        SpanName.ROUND, round_context(plan), parent=None, start=started, end=ended,
-        attributes=attributes, error=error,
-    )  # fmt: skip
-    instruments = metrics()
-    outcome_attrs = {catalog.FEDERATION: federation, catalog.ROUND_OUTCOME: outcome}
-    instruments.round_duration.record(max(0.0, (ended - started).total_seconds()), outcome_attrs)
-    if result is None:
-        return
-    verdicts = Counter([(catalog.VERDICT_ACCEPTED, "")] * len(result.accepted))
-    verdicts.update((catalog.VERDICT_REJECTED, r.reason) for r in result.rejected)
-    for (verdict, reason), count in sorted(verdicts.items()):
-        instruments.round_updates.add(
-            count,
-            {
-                catalog.FEDERATION: federation,
-                catalog.UPDATE_VERDICT: verdict,
-                catalog.REJECTION_REASON: reason,
-            },
-        )
 
 
 def _settled(status: dict[str, Any], generation: int) -> bool:

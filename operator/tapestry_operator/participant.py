@@ -20,11 +20,11 @@ from tapestry_operator.config import ParticipantConfig
 from tapestry_operator.coordinator import Visit
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
-from tapestry_protocol.documents import ReceiptState, RoundPlan, parse_time
-from tapestry_protocol.exchange import Verified, read_receipts
+from tapestry_protocol.documents import ReceiptState
+from tapestry_protocol.exchange import read_receipts
 from tapestry_protocol.signing import SigningKey, load_signing_key
 from tapestry_protocol.store import ObjectStore
-from tapestry_telemetry import catalog, metrics, tracing, tracing_enabled
+from tapestry_telemetry import catalog, rounds, tracing, tracing_enabled
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
 
@@ -139,12 +139,8 @@ def _act(
     if plan is None:
         return False
     round_number = plan.document.round
-    context = participant_context(plan, config.member)
-    attributes: dict[str, str | int] = {
-        catalog.FEDERATION: config.federation,
-        catalog.ROUND: round_number,
-        catalog.PARTICIPANT: config.member,
-    }
+    context = rounds.participant_context(plan, config.member)
+    attributes = rounds.action_attributes(config.federation, round_number, config.member)
     receipt = {
         Do.DECLINE: (ReceiptState.DECLINED, step.message),
         Do.ACCEPT: (ReceiptState.ACCEPTED, "admitted"),
@@ -159,11 +155,7 @@ def _act(
         return True
     if step.do == Do.TRAIN:
         service = builders.build_rendezvous_service(config, round_number, body)
-        # The trainer continues this participant's span when it is exported here, else
-        # the round's own context (a trainer exporting elsewhere still joins the trace).
-        traceparent = (
-            tracing.format_traceparent(context) if tracing_enabled() else plan.document.traceparent
-        )
+        traceparent = rounds.training_traceparent(plan, config.member)
         job = builders.build_training_job(config, round_number, body, traceparent)
         started = datetime.now(UTC)
         kube.create(service)
@@ -184,21 +176,6 @@ def _receipt_event(state: ReceiptState, round_number: int, step: lifecycle.Next)
     return ("Warning", Reason.TRAINING_FAILED, f"round {round_number}: {step.message}")
 
 
-def participant_context(plan: Verified[RoundPlan], member: str) -> Any:
-    """This participant's span in the round (ids derived from the plan's trace context,
-    the same on every visit): the parent of its receipts, its Job and the trainer."""
-    return tracing.participant_span_context(plan.document.traceparent, plan.sha256, member)
-
-
-# Member states in which this participant's training is over (its span ends), and
-# those that are its final verdict on the round.
-_TRAINING_OVER = {
-    MemberState.UPLOADED, MemberState.MERGED, MemberState.REJECTED, MemberState.LATE,
-    MemberState.DECLINED, MemberState.FAILED,
-}  # fmt: skip
-_FINAL = _TRAINING_OVER - {MemberState.UPLOADED}
-
-
 def _observe_end(
     store: ObjectStore,
     config: ParticipantConfig,
@@ -208,43 +185,20 @@ def _observe_end(
     now: datetime,
 ) -> None:
     """The visit that first sees this participant's training of a round over emits its
-    span (from its first receipt until now); the one that first sees the round's
-    verdict counts it. `before` holds the states the previous status recorded."""
+    span; the one that first sees its verdict on the round counts it. `before` holds the
+    states the previous status recorded, so a restart neither repeats nor loses them."""
     plan = view.plan
     if plan is None or config.member not in plan.document.names:
         return
-    was = before.get(plan.document.round, "")
-    state = step.state
-    if state in _FINAL and was not in _FINAL:
-        attributes = {
-            catalog.FEDERATION: config.federation,
-            catalog.PARTICIPANT: config.member,
-            catalog.MEMBER_STATE: str(state),
-        }
-        metrics().participant_rounds.add(1, attributes)
-    if state not in _TRAINING_OVER or was in _TRAINING_OVER:
-        return
-    if not tracing_enabled():
-        return
-    receipts = read_receipts(store, config.layout, plan, config.member)
-    if not receipts:
-        return  # it never answered (late without a word): there is nothing to span
-    started = min(parse_time(r.document.created_at) for r in receipts.values())
-    failed = state in (MemberState.FAILED, MemberState.DECLINED, MemberState.LATE)
-    tracing.emit(
-        SpanName.PARTICIPANT_ROUND,
-        participant_context(plan, config.member),
-        parent=tracing.round_span_context(plan.document.traceparent, plan.sha256),
-        start=started,
-        end=now,
-        attributes={
-            catalog.FEDERATION: config.federation,
-            catalog.ROUND: plan.document.round,
-            catalog.PARTICIPANT: config.member,
-            catalog.MEMBER_STATE: str(state),
-        },
-        error=f"{step.reason}" if failed else None,
-    )
+    was, state = before.get(plan.document.round, ""), str(step.state)
+    if state in rounds.FINAL and was not in rounds.FINAL:
+        rounds.participant_verdict(config.federation, config.member, state)
+    if state in rounds.TRAINING_OVER and was not in rounds.TRAINING_OVER and tracing_enabled():
+        receipts = read_receipts(store, config.layout, plan, config.member).values()
+        rounds.participant_over(
+            config.federation, config.member, plan, state, receipts, now,
+            failed=state in rounds.UNSUCCESSFUL,
+        )  # fmt: skip
 
 
 def _remember(history: dict[int, dict[str, Any]], round_number: int, step: lifecycle.Next) -> None:

@@ -306,3 +306,13 @@ def test_a_short_lived_process_flushes_when_it_fails(how: str) -> None:
         assert span.resource["service.instance.id"]
         names = {p.name for p in receiver.points()}
         assert catalog.AGGREGATION_DURATION.name in names
+
+
+def test_the_round_states_are_the_lifecycles() -> None:
+    """The states that end a participant's span are member states of the lifecycle."""
+    from tapestry_lifecycle.states import MemberState
+    from tapestry_telemetry import rounds
+
+    known = {str(s) for s in MemberState}
+    assert known >= rounds.TRAINING_OVER and rounds.UNSUCCESSFUL <= rounds.FINAL
+    assert known - rounds.TRAINING_OVER == {"Planned", "Accepted", "Training"}
