@@ -83,6 +83,7 @@ class Setup:
     isolated: bool = True  # suffix namespaces and bucket, so tests share nothing
     fast: bool = True  # FAST round defaults instead of the example's
     operator_env: Mapping[str, str] = field(default_factory=dict)  # e.g. OTEL_* settings
+    start_operator: bool = True  # False: the test runs the operator itself (the chart's)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -275,7 +276,9 @@ def deploy(
     operator = OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", namespaces=namespaces,
         env=dict(setup.operator_env),
-    ).start()  # fmt: skip
+    )  # fmt: skip
+    if setup.start_operator:
+        operator.start()
     try:
         for doc in docs:
             kind, name = doc["kind"], doc["metadata"]["name"]

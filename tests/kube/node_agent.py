@@ -49,16 +49,25 @@ CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HEARTBEAT_S = 10.0
 MAX_RESTART_BACKOFF_S = 10.0  # the real kubelet caps at 5 min; tests cannot wait that long
+# What every container needs to see to run its command: this Python environment and
+# the repository (its editable install), wherever the pod's volumes are mounted.
+KEEP_VISIBLE = (Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parents[2])
 
 # Runs as the first program inside the container's fresh mount+UTS namespace:
 # bind-mounts volumes and /etc/hosts, sets the hostname, then execs the
 # container command. Python in isolated mode so the pod's env cannot break it.
+# Every source (and every path the container needs to run: its Python environment,
+# the repository) is opened before the first mount, and mounted through its
+# /proc/<pid>/fd link: a volume mounted over a parent directory (an emptyDir at
+# /tmp, say) would otherwise hide the sources under it. Needed paths so hidden are
+# mounted back in place, as the image would provide them in a real container.
 CONTAINER_INIT = r"""
 import json, os, socket, subprocess, sys
 spec = json.loads(sys.argv[1])
 argv = sys.argv[2:]
+created = open(spec["created_log"], "a")
 
-def ensure(path, is_dir):
+def ensure(path, is_dir, log=True):
     missing = []
     p = path
     while not os.path.lexists(p):
@@ -69,17 +78,30 @@ def ensure(path, is_dir):
     os.makedirs(path if is_dir else os.path.dirname(path), exist_ok=True)
     if not is_dir:
         open(path, "a").close()
-    with open(spec["created_log"], "a") as log:
-        log.writelines(m + "\n" for m in missing)
+    if log:
+        created.writelines(m + "\n" for m in missing)
+        created.flush()
 
-for m in spec["mounts"]:
-    ensure(m["target"], os.path.isdir(m["source"]))
-    subprocess.run([spec["mount"], "--bind", m["source"], m["target"]], check=True)
+def bind(fd, target):
+    source = f"/proc/{os.getpid()}/fd/{fd}"
+    subprocess.run([spec["mount"], "--no-canonicalize", "--bind", source, target], check=True)
+
+sources = [os.open(m["source"], os.O_PATH) for m in spec["mounts"]]
+keep = [(p, os.open(p, os.O_PATH)) for p in spec["keep"]]
+for m, fd in zip(spec["mounts"], sources):
+    ensure(m["target"], os.path.isdir(f"/proc/self/fd/{fd}"))
+    bind(fd, m["target"])
     if m["read_only"]:
         subprocess.run([spec["mount"], "-o", "remount,bind,ro", m["target"]], check=True)
+for path, fd in keep:
+    here = os.stat(path) if os.path.exists(path) else None
+    if here is None or (here.st_dev, here.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+        ensure(path, True, log=False)  # inside the volume that hid it
+        bind(fd, path)
 if spec["hostname"]:
     socket.sethostname(spec["hostname"])
 ensure(spec["workdir"], True)
+created.close()
 os.chdir(spec["workdir"])
 try:
     os.execvp(argv[0], argv)
@@ -418,6 +440,7 @@ class PodWorker(threading.Thread):
             "hostname": "" if self.pod["spec"].get("hostNetwork") else self.hostname,
             "workdir": workdir,
             "created_log": str(self.agent.created_log),
+            "keep": [str(p) for p in dict.fromkeys(KEEP_VISIBLE)],
             "mount": shutil.which("mount") or "/bin/mount",
         }
         unshare = [shutil.which("unshare") or "unshare", "--mount", "--uts"]
@@ -1072,14 +1095,6 @@ class Agent:
         for m in sorted(c.get("volumeMounts") or [], key=lambda m: m["mountPath"]):
             if m["name"] not in worker.volumes:
                 raise PodConfigError("CreateContainerConfigError", f"no volume {m['name']}")
-            needed = (sys.prefix, sys.base_prefix, str(self.created_log.parent))
-            hidden = [p for p in needed if Path(p).is_relative_to(m["mountPath"])]
-            if hidden:
-                raise PodConfigError(
-                    "CreateContainerConfigError",
-                    f"mountPath {m['mountPath']} would hide {hidden[0]}, which the test node "
-                    "needs to run containers (its Python environment or its state directory)",
-                )
             source = worker.volumes[m["name"]]
             sub = m.get("subPath") or expand(m.get("subPathExpr", ""), env)
             if sub:
