@@ -9,8 +9,11 @@ rather than as an empty panel.
 How the queries read the metrics, by who exports them:
 
 - The operator lives long and exports all the time (scraped, or pushed over OTLP):
-  counters are read with `increase`/`rate`, histograms as `increase(_sum) /
-  increase(_count)` or `histogram_quantile`, gauges as they are.
+  over time, counters are read with `increase`/`rate`, histograms as `increase(_sum) /
+  increase(_count)` or `histogram_quantile`, gauges as they are. Stat panels show its
+  counters as they are: counts since the operator started. (Prometheus takes a
+  series' first sample as its start, so `increase` misses what a counter had counted
+  by its first export: the first round an operator sees after it starts.)
 - A trainer or aggregator process lives for one round and exports its values once or
   a few times before it exits; each process is its own series (its own `instance`).
   `rate` cannot be taken over one point, so their panels show one point per run: the
@@ -343,29 +346,26 @@ def coordinator() -> dict[str, Any]:
         ),
         Panel(
             "stat", "Rounds finished",
-            "Rounds that ended in the dashboard's time range, by outcome.",
+            "Rounds that ended since the coordinator's operator started, by outcome.",
             (Query(
-                f"sum by ({OUTCOME}) (increase("
-                f"{sel(catalog.ROUND_DURATION, f, suffix='_count')}[$__range]))",
+                f"sum by ({OUTCOME}) ({sel(catalog.ROUND_DURATION, f, suffix='_count')})",
                 f"{{{{{OUTCOME}}}}}", instant=True,
             ),),
             unit="none", w=6, h=5, decimals=0,
         ),
         Panel(
             "stat", "Updates judged",
-            "Members' updates the round results accepted (merged) or rejected in the "
-            "dashboard's time range.",
-            (Query(
-                f"sum by ({VERDICT}) (increase({updates}[$__range]))",
-                f"{{{{{VERDICT}}}}}", instant=True,
-            ),),
+            "Members' updates the round results accepted (merged) or rejected since the "
+            "coordinator's operator started.",
+            (Query(f"sum by ({VERDICT}) ({updates})", f"{{{{{VERDICT}}}}}", instant=True),),
             unit="none", w=6, h=5, decimals=0,
         ),
         Panel(
             "stat", "Members of the current round",
             "How many members of the current round are in each state now.",
             (Query(
-                f"max by ({STATE}) ({sel(catalog.ROUND_MEMBERS, f)}) > 0", f"{{{{{STATE}}}}}"
+                f"max by ({STATE}) ({sel(catalog.ROUND_MEMBERS, f)}) > 0", f"{{{{{STATE}}}}}",
+                instant=True,
             ),),
             unit="none", w=8, h=5, decimals=0,
         ),
@@ -463,12 +463,9 @@ def participant() -> dict[str, Any]:
         Panel("row", "Training"),
         Panel(
             "stat", "Rounds finished",
-            "This participant's rounds in the dashboard's time range, by the state they "
+            "This participant's rounds since its operator started, by the state they "
             "ended in: Merged, Rejected, Late, Declined or Failed.",
-            (Query(
-                f"sum by ({STATE}) (increase({rounds}[$__range]))", f"{{{{{STATE}}}}}",
-                instant=True,
-            ),),
+            (Query(f"sum by ({STATE}) ({rounds})", f"{{{{{STATE}}}}}", instant=True),),
             unit="none", w=8, h=5, decimals=0,
         ),
         Panel(
@@ -559,12 +556,13 @@ def participant() -> dict[str, Any]:
         ),
         *_operator_panels(PARTICIPANT_RESOURCES),
     ]  # fmt: skip
-    trained = catalog.TRAINING_DURATION.prometheus + "_count"
+    # from the operator's count, so a participant whose training fails is listed too
+    finished = catalog.PARTICIPANT_ROUNDS.prometheus
     variables = [
-        _query_variable("federation", "Federation", f"label_values({trained}, {FEDERATION})"),
+        _query_variable("federation", "Federation", f"label_values({finished}, {FEDERATION})"),
         _query_variable(
             "participant", "Participant",
-            f'label_values({trained}{{{IN_FEDERATION}}}, {PARTICIPANT})',
+            f'label_values({finished}{{{IN_FEDERATION}}}, {PARTICIPANT})',
         ),
     ]  # fmt: skip
     return dashboard(
