@@ -14,9 +14,11 @@ and to every test whose own body imports it. A session that runs no test at all 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import inspect
 import os
+import sys
 import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.s3servers import S3Server, skip_if_s3_disabled, start_minio, start_seaweedfs
+from tests.tools import ToolError, ensure_tools
 
 SKIP_SWITCHES = ("TAPESTRY_SKIP_S3", "TAPESTRY_SKIP_KUBE")
 
@@ -203,6 +206,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("torch") is None and _test_needs_torch(item):
             item.add_marker(pytest.mark.torch)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """Builds the Go test tools before the first test, if a `tools` test is selected, so a
+    cold build (minutes) never counts against one test's timeout. A failed build is left
+    to the tests that need a tool: each fails with the build's error."""
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("tools") for item in session.items):
+        capman = session.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled(), contextlib.suppress(ToolError):
+            sys.stderr.write("\n")
+            ensure_tools()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int | pytest.ExitCode) -> None:
