@@ -50,6 +50,13 @@ bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
 
+## dashboards: regenerate the Grafana dashboards; draw docs/images/dashboard-*.png from a demo
+.PHONY: dashboards
+dashboards: setup testbin
+	$(PY) -m pip install --quiet -e '.[docs]'
+	$(PY) -m tests.dashboards.generate
+	$(PY) -m tests.dashboards.render
+
 ## lint: ruff and mypy, as CI would
 lint: setup
 	$(VENV)/bin/ruff check .
