@@ -122,7 +122,7 @@ class IsolatedOperator(OperatorProcess):
         args = [sys.executable, "-m", "tapestry_operator", "--role", self.role]
         for ns in self.namespaces:
             args += ["--namespace", ns]
-        args += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        args += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", "0"]
         env = {
             "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
             "HOME": str(self.home),

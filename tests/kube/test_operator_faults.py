@@ -204,7 +204,8 @@ def test_manual_admission_waits_for_approval_then_trains(deployment: Deployment)
     d.change_participant("es", {"admission": {"mode": "Manual", "approvedRounds": [0]}})
     done = d.wait_round(ROUND, "Succeeded")
     assert states(done) == dict.fromkeys(("de", "es", "it"), "Merged"), dump(done["status"])
-    es = d.client.get(d.participant_path("es"))
+    # es learns the verdict on its next poll of the store, a little after the round.
+    es = d.wait_participant("es", lambda o: o.get("status", {}).get("state") == "Merged", "Merged")
     assert es["status"].get("awaitingApproval") is None, dump(es["status"])
     assert es["status"]["state"] == "Merged" and round_row(es, 0)["weight"] > 0
     assert condition_states(es) == DONE
