@@ -186,6 +186,7 @@ def test_the_chart_s_operator_completes_a_round_under_its_own_service_account(
     pod = r.running_pod()
     spec = pod["spec"]
     assert spec["serviceAccountName"] == RELEASE and spec["automountServiceAccountToken"] is True
+    assert [v for v in spec["volumes"] if "projected" in v]  # its token, as below it is not
     (container,) = spec["containers"]
     assert container["command"] == ["python", "-m", "tapestry_operator"]
     assert all(e["name"] != "KUBECONFIG" for e in container.get("env", []))
@@ -205,6 +206,14 @@ def test_the_chart_s_operator_completes_a_round_under_its_own_service_account(
         assert job is not None
         pod_context = job["spec"]["template"]["spec"]["securityContext"]
         assert pod_context["runAsUser"] == WORKLOAD_UID  # values.workloads reached the pods
+    for namespace, job_name in [(d.ns(m), f"{m}-r0") for m in MEMBERS] + [
+        (d.coordinator_ns, "demo-r0-aggregate"), (d.coordinator_ns, "demo-bootstrap"),
+    ]:  # fmt: skip
+        selector = f"batch.kubernetes.io/job-name={job_name}"
+        pods = d.client.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=selector)["items"]
+        assert pods, job_name
+        for p in pods:  # no ServiceAccount token in the pods the operator creates
+            assert not [v for v in p["spec"]["volumes"] if "projected" in v], p["metadata"]["name"]
     log = r.log(r.running_pod())
     assert "forbidden" not in log.lower(), log[-4000:]
 
