@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,18 @@ def test_a_missing_dashboard_file_renders_nothing(tmp_path: Path) -> None:
         f.unlink()
     objects = template({"role": "both", "dashboards": {"enabled": True}}, chart=chart)
     assert not of_kind(objects, "ConfigMap")
+
+
+def test_the_packaged_chart_carries_the_health_checks_but_not_their_test_cases(
+    tmp_path: Path,
+) -> None:
+    """`.helmignore` keeps Argo CD's test cases (health_test.yaml, testdata/) in the
+    repository; the package holds only what the templates read."""
+    run_helm("package", str(CHART), "--destination", str(tmp_path))
+    (package,) = tmp_path.glob("*.tgz")
+    with tarfile.open(package) as tar:
+        names = tar.getnames()
+    health = sorted(n for n in names if "/health/" in n)
+    assert health and all(n.endswith("/health.lua") for n in health), health
+    kinds = {Path(p).stem for p in (CHART.parent.parent / "crds").glob("*.yaml")}
+    assert len(health) == len(kinds), (health, kinds)
