@@ -20,6 +20,7 @@ testbin:
 	bash tests/testbin/build-minio.sh >/dev/null
 	bash tests/testbin/build-kube.sh >/dev/null
 	bash tests/testbin/build-tools.sh >/dev/null
+	bash tests/testbin/build-kueue.sh >/dev/null
 
 ## test: every test, against real MinIO, SeaweedFS and a real Kubernetes control plane
 test: setup testbin
