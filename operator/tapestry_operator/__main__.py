@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve Prometheus metrics on this port at /metrics, 0 = off (default: "
         f"${telemetry.METRICS_PORT_ENV} or {telemetry.DEFAULT_METRICS_PORT}; the bind address "
-        "is $OTEL_EXPORTER_PROMETHEUS_HOST, default 0.0.0.0)",
+        f"is $OTEL_EXPORTER_PROMETHEUS_HOST, default 0.0.0.0; off too when "
+        f"${telemetry.METRICS_EXPORTER_ENV} is set without 'prometheus')",
     )
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     p.add_argument("--verbose", action="store_true")
@@ -80,6 +81,7 @@ def _telemetry(metrics_port: int | None) -> bool:
         port = telemetry.metrics_port_from_env() if metrics_port is None else metrics_port
         if not 0 <= port <= 65535:
             raise ValueError(f"--metrics-port must be between 0 and 65535, got {port}")
+        telemetry.metrics_exporters()  # OTEL_METRICS_EXPORTER: refused here, not ignored
     except ValueError as e:
         log.error("%s", e)
         return False

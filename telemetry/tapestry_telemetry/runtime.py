@@ -6,8 +6,10 @@ when they fail). Nothing is exported unless an OTLP endpoint is configured
 (`OTEL_EXPORTER_OTLP_ENDPOINT`, or the signal's own `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
 / `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`); then spans and metrics go out over OTLP/HTTP
 (protobuf). The operator also serves its metrics in Prometheus text on `/metrics`.
-Without any of these, the SDK is not even imported: spans and instruments are the API's
-no-ops.
+`OTEL_METRICS_EXPORTER` (`otlp`, `prometheus`, `none`, or a comma-separated list) picks
+which of those two paths a process's metrics take, so that one Prometheus does not
+receive the same series twice; unset, both are used where configured. Without any of
+these, the SDK is not even imported: spans and instruments are the API's no-ops.
 
 The providers are this module's own, not the API's globals, so a process (or a test)
 can set up again after `shutdown`.
@@ -25,6 +27,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from importlib import metadata
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -49,11 +52,23 @@ DEFAULT_METRICS_PORT = 9464
 PROMETHEUS_HOST_ENV = "OTEL_EXPORTER_PROMETHEUS_HOST"  # the SDK's name for the bind address
 DEFAULT_PROMETHEUS_HOST = "0.0.0.0"
 SHUTDOWN_TIMEOUT_MS = 10_000
+METRICS_EXPORTER_ENV = "OTEL_METRICS_EXPORTER"  # the OpenTelemetry SDK's own name
+
+
+class MetricsExporter(StrEnum):
+    """The values of `OTEL_METRICS_EXPORTER` Tapestry knows (the OpenTelemetry spec's)."""
+
+    OTLP = "otlp"  # push to the OTLP endpoint
+    PROMETHEUS = "prometheus"  # serve /metrics on the metrics port
+    NONE = "none"  # neither
+
 
 # OTEL_* settings that must not be copied into the pods the operator creates: the
 # service name is each process's own, headers may hold credentials (they would show in
-# the Job's spec), and certificate and key paths name files of the operator's pod.
-_NOT_PASSED_ON = ("OTEL_SERVICE_NAME", "OTEL_EXPORTER_PROMETHEUS_")
+# the Job's spec), certificate and key paths name files of the operator's pod, and the
+# operator's choice of metrics path is its own (a short-lived pod cannot be scraped:
+# it always pushes over OTLP).
+_NOT_PASSED_ON = ("OTEL_SERVICE_NAME", "OTEL_EXPORTER_PROMETHEUS_", METRICS_EXPORTER_ENV)
 _NOT_PASSED_ON_SUFFIXES = ("_HEADERS", "_CERTIFICATE", "_CLIENT_KEY", "_CLIENT_CERTIFICATE")
 
 
@@ -152,19 +167,53 @@ def prometheus_port() -> int:
 # --- configuration from the environment -------------------------------------------------
 
 
+def metrics_exporters(environ: Mapping[str, str] = os.environ) -> frozenset[MetricsExporter]:
+    """The metrics paths `OTEL_METRICS_EXPORTER` names. Unset or empty: both, each where
+    it is configured (an OTLP endpoint, a metrics port); `none`: neither."""
+    text = environ.get(METRICS_EXPORTER_ENV, "").strip().lower()
+    if not text:
+        return frozenset({MetricsExporter.OTLP, MetricsExporter.PROMETHEUS})
+    names = [n.strip() for n in text.split(",")]
+    known = [str(e) for e in MetricsExporter]
+    wrong = [n for n in names if n not in known]
+    if wrong:
+        raise ValueError(
+            f"{METRICS_EXPORTER_ENV} must be a comma-separated list of "
+            f"{', '.join(known)}; got {', '.join(repr(n) for n in wrong)}"
+        )
+    chosen = frozenset(MetricsExporter(n) for n in names)
+    if MetricsExporter.NONE in chosen and len(chosen) > 1:
+        raise ValueError(f"{METRICS_EXPORTER_ENV}: 'none' cannot be combined, got {text!r}")
+    return chosen - {MetricsExporter.NONE}
+
+
 def _signal_endpoint(signal_name: str, environ: Mapping[str, str]) -> str | None:
     """The OTLP/HTTP URL of one signal ('traces' or 'metrics'), or None when it is off."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     upper = signal_name.upper()
-    exporters = environ.get(f"OTEL_{upper}_EXPORTER", "otlp").lower()
-    if "otlp" not in {e.strip() for e in exporters.split(",")}:
-        return None
+    if signal_name == "metrics":
+        if MetricsExporter.OTLP not in _metrics_exporters_or_default(environ):
+            return None
+    else:
+        exporters = environ.get(f"OTEL_{upper}_EXPORTER", "otlp").lower()
+        if "otlp" not in {e.strip() for e in exporters.split(",")}:
+            return None
     own = environ.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
     if own:
         return own
     base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
     return f"{base.rstrip('/')}/v1/{signal_name}" if base else None
+
+
+def _metrics_exporters_or_default(environ: Mapping[str, str]) -> frozenset[MetricsExporter]:
+    """`metrics_exporters`, or the default (with a warning) when the setting is wrong:
+    a short-lived process goes on with its work (the operator refuses it at startup)."""
+    try:
+        return metrics_exporters(environ)
+    except ValueError as e:
+        log.warning("%s; using the default", e)
+        return metrics_exporters({})
 
 
 def metrics_port_from_env(environ: Mapping[str, str] = os.environ) -> int:
@@ -226,13 +275,16 @@ def setup(
     """Configure this process's telemetry (replacing an earlier setup).
 
     `prometheus_port` > 0 serves Prometheus text on that port (`/metrics`, bound to
-    `OTEL_EXPORTER_PROMETHEUS_HOST`, default 0.0.0.0). `span_exporter` and
-    `metric_readers` add exporters besides the environment's (tests use the SDK's
-    in-memory ones)."""
+    `OTEL_EXPORTER_PROMETHEUS_HOST`, default 0.0.0.0) unless `OTEL_METRICS_EXPORTER`
+    leaves `prometheus` out; OTLP metrics likewise need `otlp` in it (or it unset).
+    `span_exporter` and `metric_readers` add exporters besides the environment's (tests
+    use the SDK's in-memory ones)."""
     environ = os.environ if environ is None else environ
     shutdown()
     traces_url = _signal_endpoint("traces", environ)
     metrics_url = _signal_endpoint("metrics", environ)
+    if MetricsExporter.PROMETHEUS not in _metrics_exporters_or_default(environ):
+        prometheus_port = 0
     if not (traces_url or metrics_url or prometheus_port or span_exporter or metric_readers):
         return  # off: the API's no-ops, and no SDK import
     protocol = environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")

@@ -5,6 +5,7 @@ spans around actions, store byte counts, and the flush of short-lived processes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import tapestry_telemetry as telemetry
+from tapestry_operator import __main__ as operator_main
 from tapestry_operator import builders
 from tapestry_protocol import pod
 from tapestry_protocol.store import FilesystemStore
@@ -127,6 +129,77 @@ def test_otlp_endpoints_come_from_the_standard_environment(
     assert runtime._signal_endpoint("metrics", environ) == metrics
 
 
+@pytest.mark.parametrize(
+    ("value", "chosen"),
+    [
+        ("", {"otlp", "prometheus"}),  # unset: each path where it is configured
+        ("prometheus", {"prometheus"}),
+        (" OTLP , prometheus", {"otlp", "prometheus"}),
+        ("none", set()),
+    ],
+)
+def test_the_metrics_exporters_come_from_otel_metrics_exporter(
+    value: str, chosen: set[str]
+) -> None:
+    assert telemetry.metrics_exporters({telemetry.METRICS_EXPORTER_ENV: value}) == chosen
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("prometheus,console", "must be a comma-separated list of otlp, prometheus, none; "
+         "got 'console'"),
+        ("none,otlp", "'none' cannot be combined, got 'none,otlp'"),
+    ],
+)  # fmt: skip
+def test_a_wrong_metrics_exporter_is_refused_clearly(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        telemetry.metrics_exporters({telemetry.METRICS_EXPORTER_ENV: value})
+
+
+def test_the_operator_refuses_a_wrong_metrics_exporter_at_startup(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(telemetry.METRICS_EXPORTER_ENV, "prometheus,console")
+    assert operator_main.main(["--metrics-port", "0", "--log-format", "text"]) == 2
+    assert "OTEL_METRICS_EXPORTER must be a comma-separated list" in caplog.text
+
+
+def _served(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("exporter", ["prometheus", "otlp", "otlp,prometheus"])
+def test_the_operator_s_metrics_take_only_the_chosen_path_while_traces_go_over_otlp(
+    exporter: str,
+) -> None:
+    """One Prometheus receiving both paths would count the operator twice: with
+    OTEL_METRICS_EXPORTER the metrics go out one way, the spans still over OTLP."""
+    port = free_port()
+    with OtlpReceiver() as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            telemetry.METRICS_EXPORTER_ENV: exporter,
+            runtime.PROMETHEUS_HOST_ENV: "127.0.0.1",
+        }
+        telemetry.setup(Service.OPERATOR, prometheus_port=port, environ=env)
+        try:
+            telemetry.metrics().reconcile_errors.add(1, {catalog.RESOURCE: "federations"})
+            with telemetry.tracer().start_as_current_span("a-span"):
+                pass
+            served = _served(port)
+        finally:
+            telemetry.shutdown()  # flushes both signals to the receiver
+        pushed = {p.name for p in receiver.points()}
+        assert [s.name for s in receiver.spans()] == ["a-span"]
+    assert served == ("prometheus" in exporter)
+    assert (catalog.RECONCILE_ERRORS.name in pushed) == ("otlp" in exporter), pushed
+
+
 def test_metrics_port_setting() -> None:
     assert telemetry.metrics_port_from_env({}) == 9464
     assert telemetry.metrics_port_from_env({"TAPESTRY_METRICS_PORT": "0"}) == 0
@@ -143,6 +216,7 @@ def test_pods_inherit_the_operators_settings_but_not_its_credentials_or_name() -
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x=y",
         "OTEL_EXPORTER_OTLP_CERTIFICATE": "/etc/ca.pem",
         "OTEL_EXPORTER_PROMETHEUS_HOST": "0.0.0.0",
+        "OTEL_METRICS_EXPORTER": "prometheus",  # the operator's path; pods always push
         "HOME": "/root",
     }
     assert telemetry.pod_environment(environ) == {
