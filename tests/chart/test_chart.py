@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+import tapestry_telemetry as telemetry
 from tapestry_operator import api, builders, settings
 from tapestry_operator.config import ParticipantConfig
 from tapestry_protocol import pod
@@ -130,6 +131,19 @@ def test_the_defaults_render_a_participant_watching_the_release_namespace() -> N
          "- at '/telemetry/otlpEndpoint': 'otel-collector:4318' does not match pattern"),
         ({"operator": {"logFormat": "yaml"}},
          "- at '/operator/logFormat': value must be one of 'json', 'text'"),
+        ({"networkPolicy": {"telemetry": {"ports": [0]}}},
+         "- at '/networkPolicy/telemetry/ports/0': minimum: got 0, want 1"),
+        ({"networkPolicy": {"telemetry": {"cidrs": ["otel-collector"]}}},
+         "- at '/networkPolicy/telemetry/cidrs/0': 'otel-collector' does not match pattern"),
+        ({"networkPolicy": {"telemetry": {"port": 4318}}},
+         "- at '/networkPolicy/telemetry': additional properties 'port' not allowed"),
+        ({"telemetry": {"operatorMetricsExporter": "console"}},
+         "- at '/telemetry/operatorMetricsExporter': value must be one of '', 'prometheus', "
+         "'otlp', 'otlp,prometheus', 'none'"),
+        ({"metrics": {"enabled": False}, "telemetry": {"operatorMetricsExporter": "prometheus"}},
+         "- at '/metrics/enabled': value must be true"),
+        ({"telemetry": {"operatorMetricsExporter": "otlp"}},
+         "- at '/telemetry/otlpEndpoint': minLength: got 0, want 1"),
     ],
     ids=lambda v: v if isinstance(v, str) and v.startswith("- at") else None,
 )  # fmt: skip
@@ -201,6 +215,35 @@ def test_metrics_off_and_an_otlp_endpoint_reach_the_operator_s_environment() -> 
     assert env["TAPESTRY_METRICS_PORT"] == "0"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4318"
     assert not of_kind(objects, "Service")
+
+
+@pytest.mark.parametrize(
+    ("values", "paths"),
+    [
+        ({}, {"prometheus"}),  # scraped from /metrics: the chart's default
+        ({"metrics": {"enabled": False}}, {"otlp"}),
+        ({"telemetry": {"operatorMetricsExporter": "otlp,prometheus"}}, {"otlp", "prometheus"}),
+        ({"telemetry": {"operatorMetricsExporter": "none"}}, set()),
+    ],
+    ids=["default", "metrics-off", "both", "none"],
+)
+def test_the_operator_s_metrics_take_one_path_and_its_pods_still_push_over_otlp(
+    values: dict[str, Any], paths: set[str]
+) -> None:
+    """With an OTLP endpoint the operator would push its metrics and serve /metrics:
+    a Prometheus receiving both counts it twice. The chart picks one path (its
+    OTEL_METRICS_EXPORTER, as the operator reads it); the pods it creates do not get
+    that choice and push over OTLP."""
+    values = {**values, "telemetry": {"otlpEndpoint": "http://otel:4318",
+                                      **values.get("telemetry", {})}}  # fmt: skip
+    _, spec = _operator(template(values))
+    env = {e["name"]: e.get("value", "") for e in _container(spec, "operator")["env"]}
+    assert telemetry.metrics_exporters(env) == paths
+    assert telemetry.METRICS_EXPORTER_ENV in env
+    pods = telemetry.pod_environment(env)
+    assert telemetry.METRICS_EXPORTER_ENV not in pods
+    assert telemetry.MetricsExporter.OTLP in telemetry.metrics_exporters(pods)
+    assert pods["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4318"
 
 
 def test_the_workloads_values_are_the_operator_s_restricted_defaults() -> None:
@@ -386,6 +429,51 @@ def test_network_policies_allow_only_the_store_dns_peers_and_the_api_server() ->
                           "ports": [{"protocol": "TCP", "port": 6443}]}  # fmt: skip
     assert [_egress_ports(r) for r in rest] == [dns, store]
     assert operator["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9464}]}]
+
+
+_EXPORTING = (f"{FULLNAME}-trainer", f"{FULLNAME}-coordinator-jobs", f"{FULLNAME}-operator")
+
+
+def _to_collector(values: dict[str, Any], port: int) -> dict[str, list[Obj]]:
+    """Every NetworkPolicy's egress rules on the collector's `port`, by name."""
+    objects = template(_values("both", minio={"enabled": True}, **values))
+    return {
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}": [
+            r for r in p["spec"].get("egress", []) if ("TCP", port) in _egress_ports(r)
+        ]
+        for p in of_kind(objects, "NetworkPolicy")
+    }
+
+
+def test_network_policies_let_the_exporting_pods_reach_the_otlp_collector() -> None:
+    """The operator, training, aggregator and bootstrap pods export to the collector;
+    without this rule their OTLP requests would be dropped. MinIO exports nothing."""
+    peers = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    collector = {"cidrs": ["10.8.0.0/16"], "peers": peers, "ports": [14318]}
+    network = {"enabled": True, "telemetry": collector}
+    endpoint = {"otlpEndpoint": "http://collector:14318"}
+    found = _to_collector({"networkPolicy": network, "telemetry": endpoint}, 14318)
+    for where, rules in found.items():
+        if where.endswith(_EXPORTING):
+            assert rules == [{
+                "to": [{"ipBlock": {"cidr": "10.8.0.0/16"}}, *peers],
+                "ports": [{"protocol": "TCP", "port": 14318}],
+            }], where  # fmt: skip
+        else:
+            assert rules == [], where
+    assert sum(w.endswith(_EXPORTING) for w in found) == 5  # trainer, jobs: de and fed
+
+
+def test_the_collector_rule_defaults_to_any_destination_on_4318_and_needs_an_endpoint() -> None:
+    endpoint = {"otlpEndpoint": "http://c:4318"}
+    with_endpoint = _to_collector({"networkPolicy": {"enabled": True}, "telemetry": endpoint}, 4318)
+    exporting = [rules for where, rules in with_endpoint.items() if where.endswith(_EXPORTING)]
+    assert exporting and all(
+        rules == [{"ports": [{"protocol": "TCP", "port": 4318}]}] for rules in exporting
+    ), with_endpoint
+    without = _to_collector({"networkPolicy": {"enabled": True}}, 4318)
+    assert set(without) == set(with_endpoint)
+    assert all(rules == [] for rules in without.values()), without
 
 
 def test_network_policies_let_the_coordinator_s_pods_reach_the_chart_s_minio() -> None:
