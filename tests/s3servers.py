@@ -39,9 +39,9 @@ from tapestry_protocol.store import FAST_RETRY, RetryPolicy, S3Credentials, Stor
 from tapestry_protocol.store.s3 import S3Store
 from tests.certs import CertificateAuthority
 from tests.ports import free_ports
+from tests.testbin.build import run_build
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_MINIO = REPO / "tests" / "testbin" / "build-minio.sh"
 START_TIMEOUT = 60.0
 NO_RETRY = RetryPolicy(attempts=1)  # readiness polling retries by itself, quietly
 
@@ -184,12 +184,7 @@ def _new_server(
 
 def minio_binary() -> Path:
     """The pinned MinIO binary: $TAPESTRY_MINIO_BIN, the cache, or a fresh build."""
-    result = subprocess.run(["bash", str(BUILD_MINIO)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ServerStartError(
-            f"{BUILD_MINIO} failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
-        )
-    return Path(result.stdout.strip().splitlines()[-1])
+    return run_build("build-minio.sh", error=ServerStartError)
 
 
 def start_minio(tmp: Path, *, certs_dir: Path | None = None) -> S3Server:

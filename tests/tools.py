@@ -56,7 +56,6 @@ import time as _time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +64,9 @@ from typing import Any
 
 from tests.kube.proc import die_with_parent
 from tests.ports import free_port
+from tests.testbin.build import run_build
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_TOOLS = REPO / "tests" / "testbin" / "build-tools.sh"
 
 
 class ToolError(RuntimeError):
@@ -103,27 +102,14 @@ def ensure_tools(*names: str) -> Path:
 def _build(*names: str) -> Path:
     """Runs build-tools.sh, copying its progress to stderr (a cold build takes minutes
     and should not look like a hang)."""
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_TOOLS), *names],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return run_build(
+        "build-tools.sh",
+        *names,
+        progress=sys.stderr,
+        error=ToolError,
+        hint="It needs Go >= 1.26.7 and the Go module proxy"
+        " (or TAPESTRY_TOOLS_ASSETS=<dir with prebuilt binaries>).",
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    tail: deque[str] = deque(maxlen=40)
-    for line in proc.stderr:
-        tail.append(line)
-        sys.stderr.write(line)
-        sys.stderr.flush()
-    out = proc.stdout.read().strip().splitlines()
-    if proc.wait() != 0 or not out:
-        raise ToolError(
-            f"{BUILD_TOOLS} {' '.join(names)} failed (exit {proc.returncode});"
-            " it needs Go >= 1.26.7 and the Go module proxy"
-            " (or TAPESTRY_TOOLS_ASSETS=<dir with prebuilt binaries>)."
-            " Its last output:\n" + "".join(tail)
-        )
-    return Path(out[-1])
 
 
 # -- helm ------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from tests.certs import CertificateAuthority, CertPair, write_signing_key
 from tests.kube.client import ApiError, KubeClient
 from tests.kube.proc import die_with_parent
 from tests.ports import free_port, free_ports
+from tests.testbin.build import run_build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "tests" / "testbin" / "build-kube.sh"
 NODE_NAME = "tapestry-node"
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -49,25 +49,7 @@ def ensure_binaries(progress: TextIO | None = None) -> Path:
     build-kube.sh is idempotent and honours TAPESTRY_KUBE_ASSETS, so this is
     cheap once the binaries are cached. Its progress is copied to `progress`.
     """
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None and proc.stdout is not None
-    tail: deque[str] = deque(maxlen=40)
-    for line in proc.stderr:
-        tail.append(line)
-        if progress is not None:
-            progress.write(line)
-            progress.flush()
-    out = proc.stdout.read().strip().splitlines()
-    if proc.wait() != 0 or not out:
-        raise ClusterError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its last output:\n" + "".join(tail)
-        )
-    return Path(out[-1])
+    return run_build("build-kube.sh", progress=progress, error=ClusterError)
 
 
 class Component:

@@ -41,9 +41,9 @@ from tests.kube.client import ApiError, KubeClient, Obj
 from tests.kube.proc import die_with_parent
 from tests.kube.tapestry_env import kubectl
 from tests.ports import free_ports
+from tests.testbin.build import run_build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "tests" / "testbin" / "build-kueue.sh"
 API = "kueue.x-k8s.io/v1beta2"
 NAMESPACE = "kueue-system"  # Kueue's own namespace (its certificate Secret lives there)
 CERT_SECRET = "kueue-webhook-server-cert"  # the Configuration's default webhookSecretName
@@ -62,24 +62,13 @@ def ensure_kueue(progress: TextIO | None = None) -> Path:
 
     build-kueue.sh is idempotent and honours TAPESTRY_KUEUE_ASSETS, so this is cheap
     once the binary is cached. Its progress is copied to `progress`."""
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    return run_build(
+        "build-kueue.sh",
+        progress=progress,
+        error=KueueError,
+        hint="It needs Go >= 1.26 and the Go module proxy"
+        " (or TAPESTRY_KUEUE_ASSETS=<dir with kueue and crds/>).",
     )
-    assert proc.stderr is not None and proc.stdout is not None
-    tail: deque[str] = deque(maxlen=40)
-    for line in proc.stderr:
-        tail.append(line)
-        if progress is not None:
-            progress.write(line)
-            progress.flush()
-    out = proc.stdout.read().strip().splitlines()
-    if proc.wait() != 0 or not out:
-        raise KueueError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); it needs Go >= 1.26 and the Go"
-            " module proxy (or TAPESTRY_KUEUE_ASSETS=<dir with kueue and crds/>)."
-            " Its last output:\n" + "".join(tail)
-        )
-    return Path(out[-1])
 
 
 def crd_documents(crd_dir: Path, webhook_port: int) -> list[Obj]:

@@ -22,8 +22,9 @@ LDFLAGS_BASE="-s -w"
 # together with the wrapper modules it names the cache directory.
 BUILD_REVISION=1
 
-log() { printf '[build-kube %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf '[build-kube] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=build-kube
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 
 check_dir() {
     local dir="$1" missing=()
@@ -36,51 +37,20 @@ check_dir() {
     fi
 }
 
-if [[ -n "${TAPESTRY_KUBE_ASSETS:-}" ]]; then
-    if ! missing="$(check_dir "$TAPESTRY_KUBE_ASSETS")"; then
-        die "TAPESTRY_KUBE_ASSETS=$TAPESTRY_KUBE_ASSETS lacks executable: $missing"
-    fi
-    log "using prebuilt binaries from TAPESTRY_KUBE_ASSETS"
-    echo "$TAPESTRY_KUBE_ASSETS"
-    exit 0
-fi
+use_assets TAPESTRY_KUBE_ASSETS "Kubernetes binaries"
 
-pin() { # pin <go.mod> <module>: the version <go.mod> requires of <module>
-    awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {
-        print ($1 == "require" ? $3 : $2); exit }' "$1"
-}
 KUBE_VERSION="$(pin "$KUBE_MOD/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(pin "$ETCD_MOD/go.mod" go.etcd.io/etcd/server/v3)"
 [[ -n "$KUBE_VERSION" && -n "$ETCD_VERSION" ]] || die "cannot read pinned versions from go.mod"
 
-CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 inputs_hash="$( (echo "$BUILD_REVISION"; cat "$ETCD_MOD"/go.mod "$ETCD_MOD"/go.sum \
     "$ETCD_MOD"/*.go "$KUBE_MOD"/go.mod "$KUBE_MOD"/go.sum) | sha256sum | cut -c1-12)"
 DEST="$CACHE/testbin/kube-$KUBE_VERSION-etcd-$ETCD_VERSION-$inputs_hash"
 
-if check_dir "$DEST" >/dev/null; then
-    log "up to date: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+done_if_built "$DEST" "up to date"
 
-GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[[ -x "$GO" ]] || die "Go toolchain not found (set GO=/path/to/go or put go on PATH)"
-export GOMODCACHE="${GOMODCACHE:-$CACHE/go/mod}"
-export GOCACHE="${GOCACHE:-$CACHE/go/build}"
-export GOFLAGS="${GOFLAGS:--mod=mod}"
-export CGO_ENABLED=0
-
-mkdir -p "$CACHE/testbin"
-# One build at a time: parallel test sessions wait here for the first one.
-exec 9>"$CACHE/testbin/.build.lock"
-log "waiting for build lock $CACHE/testbin/.build.lock"
-flock 9
-if check_dir "$DEST" >/dev/null; then
-    log "built by another process: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+go_env
+build_lock build "$DEST"
 
 TMP="$(mktemp -d "$CACHE/testbin/.partial.XXXXXX")"
 chmod 755 "$TMP"

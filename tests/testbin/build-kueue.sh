@@ -25,8 +25,9 @@ LDFLAGS_BASE="-s -w"
 # together with the wrapper module it names the cache directory.
 BUILD_REVISION=1
 
-log() { printf '[build-kueue %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf '[build-kueue] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=build-kueue
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 
 check_dir() { # check_dir <dir>: prints what <dir> lacks
     local dir="$1" missing=()
@@ -38,47 +39,19 @@ check_dir() { # check_dir <dir>: prints what <dir> lacks
     fi
 }
 
-if [[ -n "${TAPESTRY_KUEUE_ASSETS:-}" ]]; then
-    if ! missing="$(check_dir "$TAPESTRY_KUEUE_ASSETS")"; then
-        die "TAPESTRY_KUEUE_ASSETS=$TAPESTRY_KUEUE_ASSETS lacks: $missing"
-    fi
-    log "using prebuilt Kueue from TAPESTRY_KUEUE_ASSETS"
-    echo "$TAPESTRY_KUEUE_ASSETS"
-    exit 0
-fi
+use_assets TAPESTRY_KUEUE_ASSETS Kueue
 
-VERSION="$(awk -v m="$MODULE" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {
-    print ($1 == "require" ? $3 : $2); exit }' "$MOD/go.mod")"
+VERSION="$(pin "$MOD/go.mod" "$MODULE")"
 [[ -n "$VERSION" ]] || die "cannot read the $MODULE pin from $MOD/go.mod"
 
-CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 inputs_hash="$( (echo "$BUILD_REVISION"; cat "$MOD"/go.mod "$MOD"/go.sum) \
     | sha256sum | cut -c1-12)"
 DEST="$CACHE/testbin/kueue-$VERSION-$inputs_hash"
 
-if check_dir "$DEST" >/dev/null; then
-    log "up to date: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+done_if_built "$DEST" "up to date"
 
-GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[[ -x "$GO" ]] || die "Go toolchain not found (set GO=/path/to/go or put go on PATH)"
-export GOMODCACHE="${GOMODCACHE:-$CACHE/go/mod}"
-export GOCACHE="${GOCACHE:-$CACHE/go/build}"
-export GOFLAGS="${GOFLAGS:--mod=mod}"
-export GOTOOLCHAIN=local CGO_ENABLED=0
-
-mkdir -p "$CACHE/testbin"
-# One build at a time: parallel test sessions wait here for the first one.
-exec 9>"$CACHE/testbin/.kueue.lock"
-log "waiting for build lock $CACHE/testbin/.kueue.lock"
-flock 9
-if check_dir "$DEST" >/dev/null; then
-    log "built by another process: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+go_env
+build_lock kueue "$DEST"
 
 TMP="$(mktemp -d "$CACHE/testbin/.partial.XXXXXX")"
 chmod 755 "$TMP"

@@ -26,8 +26,9 @@ LDFLAGS_BASE="-s -w"
 # together with the wrapper modules it names the cache directory.
 BUILD_REVISION=1
 
-log() { printf '[build-tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf '[build-tools] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=build-tools
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 
 # Per tool: the module whose version names it, and the package to build.
 declare -A PIN_MODULE=(
@@ -67,19 +68,8 @@ check_dir() { # check_dir <dir>: prints the wanted tools missing from <dir>
     fi
 }
 
-if [[ -n "${TAPESTRY_TOOLS_ASSETS:-}" ]]; then
-    if ! missing="$(check_dir "$TAPESTRY_TOOLS_ASSETS")"; then
-        die "TAPESTRY_TOOLS_ASSETS=$TAPESTRY_TOOLS_ASSETS lacks executable: $missing"
-    fi
-    log "using prebuilt binaries from TAPESTRY_TOOLS_ASSETS"
-    echo "$TAPESTRY_TOOLS_ASSETS"
-    exit 0
-fi
+use_assets TAPESTRY_TOOLS_ASSETS "test tools"
 
-pin() { # pin <go.mod> <module>: the version <go.mod> requires of <module>
-    awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {
-        print ($1 == "require" ? $3 : $2); exit }' "$1"
-}
 declare -A VERSION=()
 name=""
 for tool in "${ALL_TOOLS[@]}"; do
@@ -88,7 +78,6 @@ for tool in "${ALL_TOOLS[@]}"; do
     name+="$tool-${VERSION[$tool]}-"
 done
 
-CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 inputs_hash="$( (echo "$BUILD_REVISION"
     for tool in "${ALL_TOOLS[@]}"; do
         cat "$TOOLS_DIR/$tool"/go.mod "$TOOLS_DIR/$tool"/go.sum
@@ -96,29 +85,10 @@ inputs_hash="$( (echo "$BUILD_REVISION"
     done) | sha256sum | cut -c1-12)"
 DEST="$CACHE/testbin/tools-$name$inputs_hash"
 
-if check_dir "$DEST" >/dev/null; then
-    log "up to date: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+done_if_built "$DEST" "up to date"
 
-GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[[ -x "$GO" ]] || die "Go toolchain not found (set GO=/path/to/go or put go on PATH)"
-export GOMODCACHE="${GOMODCACHE:-$CACHE/go/mod}"
-export GOCACHE="${GOCACHE:-$CACHE/go/build}"
-export GOFLAGS="${GOFLAGS:--mod=mod}"
-export GOTOOLCHAIN=local CGO_ENABLED=0
-
-mkdir -p "$CACHE/testbin"
-# One build at a time: parallel test sessions wait here for the first one.
-exec 9>"$CACHE/testbin/.tools.lock"
-log "waiting for build lock $CACHE/testbin/.tools.lock"
-flock 9
-if check_dir "$DEST" >/dev/null; then
-    log "built by another process: $DEST"
-    echo "$DEST"
-    exit 0
-fi
+go_env
+build_lock tools "$DEST"
 mkdir -p "$DEST"
 
 TMP="$(mktemp -d "$CACHE/testbin/.partial.XXXXXX")"
