@@ -137,11 +137,13 @@ ROUND_MEMBERS = MetricDef(
 ROUND_UPDATES = MetricDef(
     "tapestry.round.updates", Instrument.COUNTER, "{update}",
     "Members judged by a round's result: accepted (merged) or rejected, with the reason",
-    (FEDERATION, UPDATE_VERDICT, REJECTION_REASON), "tapestry_round_updates_total",
+    (FEDERATION, PARTICIPANT, UPDATE_VERDICT, REJECTION_REASON), "tapestry_round_updates_total",
     _COORDINATION,
 )  # fmt: skip
 """Prometheus: `tapestry_round_updates_total`; `tapestry_rejection_reason` is empty for
-accepted updates."""
+accepted updates. `tapestry_participant` is the judged member, so the coordinator's own
+metrics show each member's contributions; it is bounded by the federation's member
+count (times the verdicts and reasons)."""
 
 PARTICIPANT_ROUNDS = MetricDef(
     "tapestry.participant.rounds", Instrument.COUNTER, "{round}",

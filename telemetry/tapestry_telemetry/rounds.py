@@ -58,7 +58,7 @@ def round_over(
 ) -> None:
     """The first sight of a round's result (or of its terminal failure, `result` None):
     the round span from the plan's issuedAt to `ended`, its duration, and the verdict
-    on each member."""
+    on each member (counted by member: the coordinator's own view of contributions)."""
     started = parse_time(plan.document.issued_at)
     outcome = str(result.outcome) if result is not None else str(Outcome.FAILED)
     tracing.emit(
@@ -75,13 +75,14 @@ def round_over(
     instruments.round_duration.record(max(0.0, (ended - started).total_seconds()), labels)
     if result is None:
         return
-    verdicts = Counter([(catalog.VERDICT_ACCEPTED, "")] * len(result.accepted))
-    verdicts.update((catalog.VERDICT_REJECTED, r.reason) for r in result.rejected)
-    for (verdict, reason), count in sorted(verdicts.items()):
+    verdicts = [(a.participant, catalog.VERDICT_ACCEPTED, "") for a in result.accepted]
+    verdicts += [(r.participant, catalog.VERDICT_REJECTED, r.reason) for r in result.rejected]
+    for member, verdict, reason in sorted(verdicts):
         instruments.round_updates.add(
-            count,
+            1,
             {
                 catalog.FEDERATION: federation,
+                catalog.PARTICIPANT: member,
                 catalog.UPDATE_VERDICT: verdict,
                 catalog.REJECTION_REASON: reason,
             },

@@ -334,7 +334,6 @@ def _operator_panels(resources: str) -> list[Panel]:
 def coordinator() -> dict[str, Any]:
     f = IN_FEDERATION
     updates = sel(catalog.ROUND_UPDATES, f)
-    contributions = sel(catalog.PARTICIPANT_ROUNDS, f)
     aggregator_io = sel(catalog.STORE_IO, f, job(Service.AGGREGATOR))
     panels = [
         Panel("row", "Rounds"),
@@ -400,12 +399,13 @@ def coordinator() -> dict[str, Any]:
         ),
         Panel(
             "timeseries", "Contributions per member",
-            "Each member's rounds by the state they ended in (Merged: its update is in "
-            "the next base). Counted by each participant's operator: shown where the "
-            "members' metrics reach this Prometheus too.",
+            "Each member's update as each round's result judged it: accepted (merged "
+            "into the next base) or rejected, with the reason. Counted by the "
+            "coordinator, so every member shows without its own metrics.",
             (Query(
-                f"sum by ({PARTICIPANT}, {STATE}) (increase({contributions}[$__rate_interval]))",
-                f"{{{{{PARTICIPANT}}}}} {{{{{STATE}}}}}",
+                f"sum by ({PARTICIPANT}, {VERDICT}, {REASON}) "
+                f"(increase({updates}[$__rate_interval]))",
+                f"{{{{{PARTICIPANT}}}}} {{{{{VERDICT}}}}} {{{{{REASON}}}}}",
             ),),
             unit="none", style="bars", decimals=0,
         ),

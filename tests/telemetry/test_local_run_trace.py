@@ -70,3 +70,12 @@ def test_a_local_round_is_one_trace(tmp_path: Path) -> None:
     for d in METRICS:
         wanted = {s for s in d.by if s in (Service.LOCAL, Service.TRAINER)}
         assert {(s, d.name) for s in wanted} <= exported, d.name
+    # Each member's verdict, counted by the coordinating side under the member's name.
+    updates = [p for p in points if p.name == catalog.ROUND_UPDATES.name]
+    assert all(set(p.attributes) == set(catalog.ROUND_UPDATES.attributes) for p in updates)
+    judged = {(p.attributes[catalog.PARTICIPANT], p.attributes[catalog.UPDATE_VERDICT], p.value)
+              for p in updates}  # fmt: skip
+    assert judged == {
+        ("alice", catalog.VERDICT_ACCEPTED, 1.0),
+        ("bob", catalog.VERDICT_ACCEPTED, 1.0),
+    }
