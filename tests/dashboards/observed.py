@@ -1,7 +1,8 @@
 """Rounds of the single-cluster example observed by a real Prometheus, as a party would
-run it: the operator exports its metrics over OTLP to Prometheus's OTLP receiver and
-passes its OTEL_* settings on to the trainer and aggregator pods it creates, and
-Prometheus also scrapes the operator's /metrics.
+run it with the chart's defaults: Prometheus scrapes the operator's /metrics, and the
+operator (OTEL_METRICS_EXPORTER=prometheus: its metrics take that one path, so nothing
+is counted twice) passes its other OTEL_* settings on to the trainer and aggregator
+pods it creates, which push theirs to Prometheus's OTLP receiver.
 
 One member (`it`) has no data, so its training fails in every round while the quorum
 of the other two carries the round: the dashboards then show a failed member and a
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry_protocol.store import ObjectStore
+from tapestry_telemetry import METRICS_EXPORTER_ENV, MetricsExporter
 from tests.dashboards import promql
 from tests.kube.cluster import KubeCluster
 from tests.kube.deployment import FEDERATION, ROUND_TIMEOUT_S, Deployment, Setup, deploy
@@ -89,14 +91,16 @@ def observed_rounds(
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[Observed]:
     """Rounds 0..rounds-1 (autoRounds) with every process's metrics in a fresh
-    Prometheus; yields once the last round's metrics are all in. `scrape`: Prometheus
-    also scrapes the operator's /metrics (then the operator's series come twice, once
-    per path, and the dashboards' sums count them twice)."""
+    Prometheus; yields once the last round's metrics are all in. `scrape`: the
+    operator's metrics reach Prometheus through its /metrics, else over OTLP; either
+    way one path only (as the chart sets it), so each series comes once."""
     with Prometheus(scrape_interval=f"{SCRAPE_INTERVAL_S:g}s") as prom:
+        path = MetricsExporter.PROMETHEUS if scrape else MetricsExporter.OTLP
         env = {
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": prom.otlp_metrics_endpoint,
             "OTEL_TRACES_EXPORTER": "none",  # Prometheus receives metrics only
             "OTEL_METRIC_EXPORT_INTERVAL": str(EXPORT_INTERVAL_MS),
+            METRICS_EXPORTER_ENV: str(path),  # the operator's own; its pods push over OTLP
             **(extra_env or {}),
         }
         if scrape:

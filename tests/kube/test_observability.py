@@ -1,7 +1,7 @@
 """The dashboards over real data: two rounds of the single-cluster example on the test
-cluster, the operator exporting over OTLP to a real Prometheus (built from its Go
-module) and passing its OTEL_* settings on to the trainer and aggregator pods, and
-Prometheus scraping the operator's /metrics (tests.dashboards.observed).
+cluster, a real Prometheus (built from its Go module) scraping the operator's /metrics
+(its one metrics path) and receiving the trainer and aggregator pods' metrics over OTLP,
+the operator passing its OTEL_* settings on to them (tests.dashboards.observed).
 
 Then every panel query of both dashboards, and every template variable's, is evaluated
 by Prometheus's own engine through its HTTP API, as Grafana would send it (variables
@@ -80,6 +80,14 @@ def test_every_dashboard_query_returns_data_from_a_real_round(
             f'count by (__name__) ({{job="{OPERATOR_JOB}", __name__=~"tapestry_.+"}})',
             time=observed.end,
         )
+        operator_only = "|".join(
+            f"{m.prometheus}.*" for m in METRICS if set(m.by) <= {Service.OPERATOR, Service.LOCAL}
+        )
+        range_s = promql.duration(observed.end - observed.start)
+        operator_jobs = observed.prometheus.query(
+            f'count by (job) (last_over_time({{__name__=~"{operator_only}"}}[{range_s}]))',
+            time=observed.end,
+        )
         targets = observed.prometheus.targets()
         members = set(observed.deployment.members)
     assert not problems, "dashboard queries without data:\n" + "\n".join(problems)
@@ -88,8 +96,10 @@ def test_every_dashboard_query_returns_data_from_a_real_round(
     assert values["participant.federation"] == {"demo"}
     assert values["participant.participant"] == members, "every member's trainer reported"
 
-    # The operator's own metrics also came through the scrape of its /metrics.
+    # The operator's own metrics came through the scrape of its /metrics, and only
+    # through it (pushed as well, every sum over them would count them twice).
     assert [t["health"] for t in targets] == ["up"], targets
+    assert {s["metric"]["job"] for s in operator_jobs} == {OPERATOR_JOB}, operator_jobs
     names = {s["metric"]["__name__"] for s in scraped}
     for metric in METRICS:
         if Service.OPERATOR in metric.by:
