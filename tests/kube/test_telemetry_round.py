@@ -12,7 +12,6 @@ the operator's also on its Prometheus endpoint.
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from tests.kube.cluster import KubeCluster
 from tests.kube.deployment import FEDERATION, Setup, deploy
 from tests.ports import free_port
 from tests.s3servers import S3Server
-from tests.telemetry.otlp import OtlpReceiver, SpanRecord
+from tests.telemetry.otlp import OtlpReceiver, one_span
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -37,15 +36,6 @@ SPAN_ATTRIBUTES = {
     catalog.MEMBER_STATE, catalog.RECEIPT_STATE, catalog.CLOSE_TRIGGER, catalog.JOB,
     catalog.ERROR_TYPE,
 }  # fmt: skip
-
-
-def _one(spans: Iterable[SpanRecord], name: str, **attributes: object) -> SpanRecord:
-    found = [
-        s for s in spans
-        if s.name == name and all(s.attributes.get(k) == v for k, v in attributes.items())
-    ]  # fmt: skip
-    assert len(found) == 1, f"{len(found)} spans {name} {attributes}: {found}"
-    return found[0]
 
 
 def _scrape(port: int) -> set[str]:
@@ -100,43 +90,43 @@ def test_a_round_is_one_trace_and_exports_every_metric(
     by_id = {s.span_id: s for s in ours}
     assert len(by_id) == len(ours), "no span was exported twice"
 
-    root = _one(ours, SpanName.ROUND)
+    root = one_span(ours, SpanName.ROUND)
     assert (root.span_id, root.parent_span_id, root.service) == (root_id, "", Service.OPERATOR)
     assert root.attributes[catalog.ROUND_OUTCOME] == "Succeeded"
     assert root.attributes[catalog.FEDERATION] == FEDERATION and root.attributes[catalog.ROUND] == 0
     for name in (SpanName.ROUND_PUBLISH, SpanName.ROUND_CLOSE, SpanName.ROUND_AGGREGATE):
-        assert _one(ours, name).parent_span_id == root_id, name
+        assert one_span(ours, name).parent_span_id == root_id, name
 
     trainings = {}
     for member in members:
         mine = [s for s in ours if s.attributes.get(catalog.PARTICIPANT) == member]
-        participant = _one(mine, SpanName.PARTICIPANT_ROUND)
+        participant = one_span(mine, SpanName.PARTICIPANT_ROUND)
         assert participant.parent_span_id == root_id and participant.service == Service.OPERATOR
         # its training is over: uploaded (or already merged, if the result came first)
         assert participant.attributes[catalog.MEMBER_STATE] in ("Uploaded", "Merged")
-        receipt = _one(mine, SpanName.PARTICIPANT_RECEIPT)
+        receipt = one_span(mine, SpanName.PARTICIPANT_RECEIPT)
         assert receipt.attributes[catalog.RECEIPT_STATE] == "Accepted"
-        job = _one(mine, SpanName.PARTICIPANT_JOB)
-        training = _one(mine, SpanName.TRAINING)
+        job = one_span(mine, SpanName.PARTICIPANT_JOB)
+        training = one_span(mine, SpanName.TRAINING)
         for child in (receipt, job, training):
             assert child.parent_span_id == participant.span_id, child.name
         assert training.service == Service.TRAINER
         assert training.resource[catalog.PARTICIPANT] == member
         for name in (SpanName.TRAINING_FETCH, SpanName.TRAINING_INNER, SpanName.TRAINING_UPLOAD):
-            child = _one((s for s in ours if s.parent_span_id == training.span_id), name)
+            child = one_span((s for s in ours if s.parent_span_id == training.span_id), name)
             assert child.service == Service.TRAINER
         # The signed manifest records the span the update was made in.
         assert f'"traceparent":"00-{trace_id}-{training.span_id}-01"' in manifests[member]
         trainings[member] = training
 
-    aggregation = _one(ours, SpanName.AGGREGATION)
+    aggregation = one_span(ours, SpanName.AGGREGATION)
     assert aggregation.service == Service.AGGREGATOR and aggregation.parent_span_id == root_id
     assert aggregation.attributes[catalog.ROUND_OUTCOME] == "Succeeded"
     links = {(t, s): a.get(catalog.PARTICIPANT) for t, s, a in aggregation.links}
     assert links == {t.ids: m for m, t in trainings.items()}, "a link to every merged update"
     for name in (SpanName.AGGREGATION_COLLECT, SpanName.AGGREGATION_MERGE,
                  SpanName.AGGREGATION_COMMIT):  # fmt: skip
-        assert _one(ours, name).parent_span_id == aggregation.span_id, name
+        assert one_span(ours, name).parent_span_id == aggregation.span_id, name
 
     for span in ours:
         assert span.end_ns >= span.start_ns > 0, span.name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -60,6 +60,16 @@ class SpanRecord:
     @property
     def ids(self) -> tuple[str, str]:
         return self.trace_id, self.span_id
+
+
+def one_span(spans: Iterable[SpanRecord], name: str, **attributes: object) -> SpanRecord:
+    """The only span called `name` with these attribute values; fails naming what it found."""
+    found = [
+        s for s in spans
+        if s.name == name and all(s.attributes.get(k) == v for k, v in attributes.items())
+    ]  # fmt: skip
+    assert len(found) == 1, f"{len(found)} spans {name} {attributes}: {found}"
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,11 @@ import pytest
 from tapestry_telemetry import catalog
 from tapestry_telemetry.catalog import METRICS, Service, SpanName
 from tests.e2e.texts import write_corpora
-from tests.telemetry.otlp import OtlpReceiver, SpanRecord
+from tests.telemetry.otlp import OtlpReceiver, one_span
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 TINY = ["--preset", "tiny", "--inner-steps", "3", "--batch-size", "4", "--seq-len", "32"]
-
-
-def _one(spans: list[SpanRecord], name: str, **attributes: object) -> SpanRecord:
-    found = [
-        s for s in spans
-        if s.name == name and all(s.attributes.get(k) == v for k, v in attributes.items())
-    ]  # fmt: skip
-    assert len(found) == 1, f"{len(found)} spans {name} {attributes}"
-    return found[0]
 
 
 def test_a_local_round_is_one_trace(tmp_path: Path) -> None:
@@ -47,23 +38,23 @@ def test_a_local_round_is_one_trace(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         spans, points = receiver.spans(), receiver.points()
 
-    root = _one(spans, SpanName.ROUND)
+    root = one_span(spans, SpanName.ROUND)
     assert root.parent_span_id == "" and root.service == Service.LOCAL
     ours = [s for s in spans if s.trace_id == root.trace_id]
     assert len(ours) == len(spans), "one trace"
     for name in (SpanName.ROUND_PUBLISH, SpanName.ROUND_CLOSE, SpanName.AGGREGATION):
-        assert _one(ours, name).parent_span_id == root.span_id, name
+        assert one_span(ours, name).parent_span_id == root.span_id, name
     trainings = set()
     for member in ("alice", "bob"):
-        participant = _one(ours, SpanName.PARTICIPANT_ROUND, **{catalog.PARTICIPANT: member})
+        participant = one_span(ours, SpanName.PARTICIPANT_ROUND, **{catalog.PARTICIPANT: member})
         assert participant.parent_span_id == root.span_id
         for name in (SpanName.PARTICIPANT_RECEIPT, SpanName.PARTICIPANT_JOB, SpanName.TRAINING):
-            span = _one(ours, name, **{catalog.PARTICIPANT: member})
+            span = one_span(ours, name, **{catalog.PARTICIPANT: member})
             assert span.parent_span_id == participant.span_id, name
-        training = _one(ours, SpanName.TRAINING, **{catalog.PARTICIPANT: member})
+        training = one_span(ours, SpanName.TRAINING, **{catalog.PARTICIPANT: member})
         assert training.service == Service.TRAINER
         trainings.add(training.ids)
-    aggregation = _one(ours, SpanName.AGGREGATION)
+    aggregation = one_span(ours, SpanName.AGGREGATION)
     assert {(t, s) for t, s, _ in aggregation.links} == trainings
 
     exported = {(p.service, p.name) for p in points}
