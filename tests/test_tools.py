@@ -42,7 +42,7 @@ def test_a_missing_tool_fails_with_the_scripts_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TAPESTRY_TOOLS_ASSETS", str(tmp_path))
-    with pytest.raises(ToolError, match="lacks executable: helm prometheus"):
+    with pytest.raises(ToolError, match="lacks: helm prometheus"):
         ensure_tools("helm", "prometheus")
 
 

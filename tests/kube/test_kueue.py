@@ -131,9 +131,14 @@ def test_kueue_admits_the_training_job_from_a_cluster_queue(
         assert not job.get("status", {}).get("active"), job["status"]
         participant = d.client.get(d.participant_path(QUEUED))["status"]
         assert (participant["state"], participant["job"]) == ("Training", job_name), participant
-        current = d.client.get(d.round_path(ROUND))["status"]
+
+        # The coordinator sees the member's receipt on its next visit of the round.
+        def member_accepted(obj: Obj) -> bool:
+            members = obj.get("status", {}).get("members") or []
+            return {m["name"]: m["state"] for m in members}.get(QUEUED) == "Accepted"
+
+        current = d.wait(d.round_path(ROUND), member_accepted, f"{QUEUED} Accepted")["status"]
         assert current["phase"] == "Training", dump(current)
-        assert {m["name"]: m["state"] for m in current["members"]}[QUEUED] == "Accepted"
 
         # Enough quota: Kueue admits the Workload and starts the Job; the round completes.
         capacity = _node_capacity(d.client)
