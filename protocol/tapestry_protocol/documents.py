@@ -276,6 +276,42 @@ class RoundPlan:
 
 
 @dataclass(frozen=True)
+class Privacy:
+    """Participant-level differential privacy of an update: the participant clipped its
+    delta to `clip_norm` and added Gaussian noise of std `noise_multiplier * clip_norm`
+    before upload; (`epsilon`, `delta`) is its cumulative guarantee over `rounds` noised
+    uploads, as `accountant` composes them."""
+
+    clip_norm: float
+    noise_multiplier: float
+    epsilon: float
+    delta: float
+    rounds: int
+    mechanism: str = "gaussian"
+    accountant: str = "rdp"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mechanism": self.mechanism,
+            "accountant": self.accountant,
+            "clipNorm": self.clip_norm,
+            "noiseMultiplier": self.noise_multiplier,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "rounds": self.rounds,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> Privacy | None:
+        if d is None:
+            return None
+        return cls(
+            d["clipNorm"], d["noiseMultiplier"], d["epsilon"], d["delta"], int(d["rounds"]),
+            d["mechanism"], d["accountant"],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class UpdateManifest:
     KIND: ClassVar[Kind] = Kind.UPDATE
     federation: str
@@ -289,6 +325,7 @@ class UpdateManifest:
     metrics: dict[str, float | str | None]
     created_at: str
     traceparent: str | None = None  # the trace context the update was made in
+    privacy: Privacy | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = _header(self.KIND, self.federation, self.round) | {
@@ -303,6 +340,8 @@ class UpdateManifest:
         }
         if self.traceparent:
             out["traceparent"] = self.traceparent
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.to_json()
         return out
 
     @classmethod
@@ -311,6 +350,7 @@ class UpdateManifest:
             d["federation"], d["round"], d["participant"], d["plan"]["sha256"],
             d["base"]["sha256"], d["encoding"], tuple(ShardRef.from_json(s) for s in d["shards"]),
             int(d["tokens"]), dict(d["metrics"]), d["createdAt"], d.get("traceparent"),
+            Privacy.from_json(d.get("privacy")),
         )  # fmt: skip
 
 
@@ -435,8 +475,18 @@ class CloseRecord:
 
 
 @dataclass(frozen=True)
+class Adjustment:
+    """What a robust-aggregation policy changed about a merged update (a reason from
+    `rejections.ADJUSTMENTS`), e.g. clipped to the round's bound."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Contribution:
-    """An accepted update in a result: its weight, tokens and metrics."""
+    """An accepted update in a result: its weight, tokens and metrics, and what the
+    robust-aggregation policies did to it (`adjustments`, with figures in `policy`)."""
 
     participant: str
     weight: float
@@ -444,6 +494,34 @@ class Contribution:
     manifest_sha256: str
     delta_norm: float
     metrics: dict[str, float | str | None]
+    adjustments: tuple[Adjustment, ...] = ()
+    policy: dict[str, float | str | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "participant": self.participant,
+            "weight": self.weight,
+            "tokens": self.tokens,
+            "manifestSha256": self.manifest_sha256,
+            "deltaNorm": self.delta_norm,
+            "metrics": self.metrics,
+        }
+        if self.adjustments:
+            out["adjustments"] = [
+                {"reason": a.reason, "message": a.message} for a in self.adjustments
+            ]
+        if self.policy:
+            out["policy"] = self.policy
+        return out
+
+    @classmethod
+    def from_json(cls, a: Mapping[str, Any]) -> Contribution:
+        return cls(
+            a["participant"], a["weight"], int(a["tokens"]), a["manifestSha256"],
+            a["deltaNorm"], dict(a["metrics"]),
+            tuple(Adjustment(j["reason"], j["message"]) for j in a.get("adjustments", ())),
+            dict(a.get("policy", {})),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -488,17 +566,7 @@ class RoundResult:
             "nextBase": _ref_json(self.next_base),
             "optimizerState": _ref_json(self.optimizer_state),
             "strategy": self.strategy,
-            "accepted": [
-                {
-                    "participant": a.participant,
-                    "weight": a.weight,
-                    "tokens": a.tokens,
-                    "manifestSha256": a.manifest_sha256,
-                    "deltaNorm": a.delta_norm,
-                    "metrics": a.metrics,
-                }
-                for a in self.accepted
-            ],
+            "accepted": [a.to_json() for a in self.accepted],
             "rejected": [
                 {"participant": r.participant, "reason": r.reason, "message": r.message}
                 for r in self.rejected
@@ -512,13 +580,7 @@ class RoundResult:
             d["federation"], d["round"], Outcome(d["outcome"]), d["message"],
             d["plan"]["sha256"], d["base"]["sha256"], d["close"]["sha256"],
             Ref.from_json(d["nextBase"]), Ref.from_json(d["optimizerState"]), d["strategy"],
-            tuple(
-                Contribution(
-                    a["participant"], a["weight"], int(a["tokens"]), a["manifestSha256"],
-                    a["deltaNorm"], dict(a["metrics"]),
-                )
-                for a in d["accepted"]
-            ),
+            tuple(Contribution.from_json(a) for a in d["accepted"]),
             tuple(Refusal(r["participant"], r["reason"], r["message"]) for r in d["rejected"]),
             dict(d["metrics"]),
         )  # fmt: skip

@@ -32,6 +32,7 @@ DECLINED = "Declined"
 NOT_CLOSED = "NotClosed"
 MISSING_OPTIMIZER_STATE = "MissingOptimizerState"
 NO_QUORUM = "NoQuorum"
+WORSE_ON_VALIDATION = "WorseOnValidation"
 
 ALL_REASONS = frozenset(
     {
@@ -60,8 +61,17 @@ ALL_REASONS = frozenset(
         NOT_CLOSED,
         MISSING_OPTIMIZER_STATE,
         NO_QUORUM,
+        WORSE_ON_VALIDATION,
     }
 )
+
+# What a robust-aggregation policy did to an update it still merged (a result's
+# `adjustments`); stable API like the refusal reasons above.
+CLIPPED = "Clipped"
+TOKENS_CAPPED = "TokensCapped"
+TRIMMED = "Trimmed"
+
+ADJUSTMENTS = frozenset({CLIPPED, TOKENS_CAPPED, TRIMMED})
 
 
 class Rejected(Exception):
