@@ -23,6 +23,8 @@ from tapestry_protocol.shards import FloatArray
 
 OPTIMIZERS = ("fedavg", "diloco", "fedadam")
 WEIGHTINGS = ("tokens", "equal")
+CLIP_MODES = ("none", "fixed", "median")
+COMBINE_RULES = ("mean", "trimmed-mean", "median")
 DEFAULT_LR = {"fedavg": 1.0, "diloco": 0.7, "fedadam": 0.01}
 STATE_SLOTS = {"fedavg": (), "diloco": ("momentum",), "fedadam": ("m", "v")}
 
@@ -39,6 +41,13 @@ class Strategy:
     tau: float = 1e-3
     weighting: str = "tokens"
     max_share: float | None = None
+    # Robust policies (robust.py); the defaults leave the weighted mean untouched.
+    clip: str = "none"  # none | fixed | median
+    clip_bound: float | None = None  # fixed: L2 bound; median: multiple of the median norm
+    combine: str = "mean"  # mean (weighted) | trimmed-mean | median (coordinate-wise)
+    trim: float = 0.1  # trimmed-mean: fraction dropped at EACH end, per coordinate
+    max_token_ratio: float | None = None  # tokens above ratio * batch*steps*seqLen are capped
+    validation_margin: float | None = None  # refuse a delta whose held-out loss is worse by more
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -53,6 +62,37 @@ class Strategy:
             raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        self._check_robust()
+
+    def _check_robust(self) -> None:
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"unknown clip mode {self.clip!r}; use one of {', '.join(CLIP_MODES)}")
+        if self.clip == "none":
+            if self.clip_bound is not None:
+                raise ValueError("clip_bound is set but clip is 'none'; use clip fixed or median")
+        elif self.clip_bound is None or not _finite(self.clip_bound) or self.clip_bound <= 0:
+            raise ValueError(
+                f"clip {self.clip!r} needs a positive, finite clip_bound, got {self.clip_bound}"
+            )
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(
+                f"unknown combine rule {self.combine!r}; use one of {', '.join(COMBINE_RULES)}"
+            )
+        if not (_finite(self.trim) and 0 <= self.trim < 0.5):
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.max_token_ratio is not None and not (
+            _finite(self.max_token_ratio) and self.max_token_ratio >= 1
+        ):
+            raise ValueError(
+                f"max_token_ratio must be at least 1 (an honest update claims ratio 1), "
+                f"got {self.max_token_ratio}"
+            )
+        if self.validation_margin is not None and not (
+            _finite(self.validation_margin) and self.validation_margin >= 0
+        ):
+            raise ValueError(
+                f"validation_margin must be a finite number >= 0, got {self.validation_margin}"
+            )
 
     @property
     def lr(self) -> float:
@@ -72,6 +112,10 @@ class Strategy:
         if unknown:
             raise ValueError(f"unknown strategy fields {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and bool(np.isfinite(value))
 
 
 def compute_weights(
