@@ -23,6 +23,7 @@ from tapestry_protocol.documents import (
     Included,
     Member,
     ModelManifest,
+    Privacy,
     Receipt,
     ReceiptState,
     Ref,
@@ -426,9 +427,11 @@ def publish_update(
     tokens: int,
     metrics: Mapping[str, float | str | None],
     traceparent: str | None = None,
+    privacy: Privacy | None = None,
 ) -> Verified[UpdateManifest]:
     """Upload a participant's delta in the base's shard layout, then commit its manifest
-    (with the trace context it was made in, which the aggregator's span links to).
+    (with the trace context it was made in, which the aggregator's span links to, and
+    the differential privacy the delta was noised with, if any).
 
     If this participant already committed an update for the round (a restarted pod),
     that committed update stands and is returned: a round takes one update each."""
@@ -442,7 +445,7 @@ def publish_update(
     update = UpdateManifest(
         layout.federation, round_number, participant, plan.sha256, base.sha256, encoding,
         tuple(refs), tokens, {**metrics, "bytesUploaded": sum(r.size for r in refs)},
-        now_rfc3339(), traceparent,
+        now_rfc3339(), traceparent, privacy,
     )  # fmt: skip
     return commit_document(store, directory + MANIFEST, update, signer)
 

@@ -23,6 +23,9 @@ LOADER_OPTIONS = "TAPESTRY_LOADER_OPTIONS"
 WORKDIR = "TAPESTRY_WORKDIR"
 PROGRESS = "TAPESTRY_PROGRESS"
 VERDICT = "TAPESTRY_VERDICT"  # where rank 0 writes why it stopped (see Verdict files)
+DP_NOISE_MULTIPLIER = "TAPESTRY_DP_NOISE_MULTIPLIER"  # set (with the clip norm): DP is on
+DP_CLIP_NORM = "TAPESTRY_DP_CLIP_NORM"  # L2 bound of the whole delta before noise
+DP_DELTA = "TAPESTRY_DP_DELTA"  # the delta epsilon is reported at
 STORE_CREDENTIALS_DIR = "TAPESTRY_S3_CREDENTIALS_DIR"  # read by the store itself
 TRACEPARENT = "TRACEPARENT"
 
