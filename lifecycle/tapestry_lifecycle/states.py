@@ -65,6 +65,11 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     STORE_UNAVAILABLE = "StoreUnavailable"
     PREVIOUS_ROUND_FAILED = "PreviousRoundFailed"
+    # store identities (spec.store.identities)
+    STORE_IDENTITY_ISSUED = "StoreIdentityIssued"
+    STORE_IDENTITY_REVOKED = "StoreIdentityRevoked"
+    STORE_IDENTITY_REMOVED = "StoreIdentityRemoved"
+    STORE_IDENTITY_FAILED = "StoreIdentityFailed"
     # participant side
     PLAN_REFUSED = "PlanRefused"
     AWAITING_APPROVAL = "AwaitingApproval"

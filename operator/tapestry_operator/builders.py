@@ -16,6 +16,8 @@ from typing import Any
 from tapestry_operator import api, settings
 from tapestry_operator.config import FederationConfig, ParticipantConfig, RoundConfig, SecretRef
 from tapestry_protocol import pod
+from tapestry_protocol.exchange import COORDINATOR
+from tapestry_protocol.store.s3 import CREDENTIAL_FILES
 from tapestry_telemetry import pod_environment
 
 Obj = dict[str, Any]
@@ -23,6 +25,8 @@ Obj = dict[str, Any]
 TRAINER = "trainer"
 AGGREGATOR = "aggregator"
 BOOTSTRAP = "bootstrap"
+STORE_IDENTITY = "store-identity"
+ACCESS_KEY_ENTRY, SECRET_KEY_ENTRY = CREDENTIAL_FILES[0]  # a credentials Secret's entries
 MAX_NAME = 63
 JOB_BACKOFF_LIMIT = 3  # crashes retried; permanent refusals fail at once
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -91,9 +95,43 @@ def _secret_volume(name: str, ref: SecretRef, items: list[str] | None = None) ->
     return {"name": name, "secret": secret}
 
 
+def store_identity_secret_name(federation: str, member: str) -> str:
+    """The Secret with `member`'s own store key (spec.store.identities): what the
+    consortium hands that member, or, for the coordinator, what its own pods mount."""
+    return child_name(federation, f"store-{member}")
+
+
+def build_store_identity_secret(
+    federation: FederationConfig, member: str, access_key: str, secret_key: str,
+    owner: Mapping[str, Any],
+) -> Obj:  # fmt: skip
+    """The Secret of one member's store identity, owned by the Federation; its entries
+    are those a Participant's credentialsSecret has."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": store_identity_secret_name(federation.name, member),
+            "namespace": federation.namespace,
+            "labels": labels(STORE_IDENTITY, federation.name, **{api.LABEL_PARTICIPANT: member}),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "stringData": {ACCESS_KEY_ENTRY: access_key, SECRET_KEY_ENTRY: secret_key},
+    }
+
+
+def pod_store_credentials(config: FederationConfig | ParticipantConfig) -> SecretRef:
+    """The credentials the pods mount: with store identities, the coordinator's own
+    scoped key, never the admin's (only the operator process reads that)."""
+    if isinstance(config, FederationConfig) and config.store.identities is not None:
+        return SecretRef(store_identity_secret_name(config.name, COORDINATOR))
+    return config.store.credentials
+
+
 def _store_volumes(config: FederationConfig | ParticipantConfig) -> tuple[list[Obj], list[Obj]]:
     """The store's credentials and CA as read-only files (never environment values)."""
-    volumes = [_secret_volume("store-credentials", config.store.credentials)]
+    volumes = [_secret_volume("store-credentials", pod_store_credentials(config))]
     mounts = [
         {"name": "store-credentials", "mountPath": pod.STORE_CREDENTIALS_MOUNT, "readOnly": True}
     ]

@@ -40,6 +40,19 @@ class SecretRef:
     key: str = ""
 
 
+# Who can issue store identities (spec.store.identities.provider); the CRD's enum.
+IDENTITY_PROVIDERS = ("minio",)
+
+
+@dataclass(frozen=True)
+class IdentitiesSpec:
+    """`spec.store.identities`: the coordinator issues each member its own scoped store
+    key, with the admin credentials that only the operator process reads."""
+
+    provider: str
+    admin: SecretRef
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """Where the federation's objects live; the same shape on both roles."""
@@ -50,10 +63,12 @@ class StoreSpec:
     region: str | None
     credentials: SecretRef
     ca: SecretRef | None
+    identities: IdentitiesSpec | None = None  # the coordinator's only
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> StoreSpec:
         ca = spec.get("caSecret")
+        issued = spec.get("identities")
         return cls(
             spec["endpoint"],
             spec["bucket"],
@@ -61,6 +76,9 @@ class StoreSpec:
             spec.get("region") or None,
             SecretRef(spec["credentialsSecret"]["name"]),
             SecretRef(ca["name"], ca["key"]) if ca else None,
+            IdentitiesSpec(issued["provider"], SecretRef(issued["adminSecret"]["name"]))
+            if issued
+            else None,
         )
 
     def url(self, *, ca_file: str | None = None, credentials_dir: str | None = None) -> str:

@@ -7,6 +7,7 @@ calls, so the daemons in `handlers` run it in a worker thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -15,11 +16,11 @@ from typing import Any
 from tapestry_lifecycle import coordinator as lifecycle
 from tapestry_lifecycle.coordinator import Action, RoundView, round_base
 from tapestry_lifecycle.states import MemberState, Reason, RoundPhase
-from tapestry_operator import api, builders
+from tapestry_operator import api, builders, identities
 from tapestry_operator.conditions import Health, conditions
 from tapestry_operator.config import FederationConfig, RoundConfig
 from tapestry_operator.kube import Kube, SecretMissing
-from tapestry_operator.stores import store_for
+from tapestry_operator.stores import ca_file_for, store_for
 from tapestry_protocol import rejections
 from tapestry_protocol.documents import Outcome, parse_time, rfc3339
 from tapestry_protocol.exchange import (
@@ -297,6 +298,19 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
     layout = federation.layout
     key = signer.public_key_text
     events: list[tuple[str, str, str]] = []
+    issued: identities.Outcome | None = None
+    if federation.store.identities is not None:
+        try:
+            issued = _store_identities(kube, federation, body, previous)
+        except (SecretMissing, ValueError) as e:
+            return Visit(status(Health.working(Reason.INVALID_SPEC, str(e))), 15.0)
+        events += issued.events
+        identity_fields: dict[str, Any] = {"storeIdentities": issued.rows}
+        if not issued.coordinator_ready:  # its pods would mount a Secret not yet there
+            health = _identity_health(issued)
+            return Visit(status(health, **identity_fields), 60.0 if health.stalled else 15.0,
+                         events)  # fmt: skip
+        status = functools.partial(status, **identity_fields)
     initial = federation.initial_base
     if initial is not None and initial.manifest != layout.base_manifest(0):
         message = (
@@ -337,7 +351,30 @@ def reconcile_federation(kube: Kube, body: dict[str, Any], now: datetime) -> Vis
         if started is not None:
             events.append(("Normal", Reason.PLAN_PUBLISHED, f"started round {started}"))
     again = 10.0 if federation.auto_rounds else 30.0  # rounds follow each other promptly
-    return Visit(status(Health.done(Reason.SUCCEEDED, "base published"), **fields), again, events)
+    health = Health.done(Reason.SUCCEEDED, "base published")
+    if issued is not None and issued.failure:
+        health, again = _identity_health(issued), 15.0
+    return Visit(status(health, **fields), again, events)
+
+
+def _store_identities(
+    kube: Kube, federation: FederationConfig, body: dict[str, Any], previous: dict[str, Any]
+) -> identities.Outcome:
+    """The members' and the coordinator's store identities kept in line with the spec;
+    a failure already reported by the previous visit is not reported again."""
+    ca_file = ca_file_for(kube, federation.namespace, federation.store)
+    provider = identities.provider_for(kube, federation, ca_file)
+    issued = identities.sync(provider, kube, federation, body)
+    reported = {c.get("message") for c in previous.get("conditions") or []}
+    issued.events = [e for e in issued.events if e[0] != "Warning" or e[2] not in reported]
+    return issued
+
+
+def _identity_health(issued: identities.Outcome) -> Health:
+    message = issued.failure or "the coordinator's store identity is not issued yet"
+    if issued.permanent:
+        return Health.failed(Reason.STORE_IDENTITY_FAILED, message)
+    return Health.working(Reason.STORE_IDENTITY_FAILED, message)
 
 
 def _next_auto_round(

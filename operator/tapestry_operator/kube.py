@@ -89,6 +89,31 @@ class Kube:
             raise SecretMissing(f"Secret {namespace}/{name} has no entry {key!r}")
         return base64.b64decode(data[key])
 
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's entries, decoded; None if it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=TIMEOUT)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def replace_secret(self, obj: Obj) -> None:
+        """Replace a Secret the operator made (store identities: a rotated key)."""
+        meta = obj["metadata"]
+        self.core.replace_namespaced_secret(
+            meta["name"], meta["namespace"], cast(Any, obj), _request_timeout=TIMEOUT
+        )
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        """Delete a Secret the operator made; gone already is done."""
+        try:
+            self.core.delete_namespaced_secret(name, namespace, _request_timeout=TIMEOUT)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     # -- children -------------------------------------------------------------------
 
     def create(self, obj: Obj) -> bool:
@@ -102,6 +127,10 @@ class Kube:
                 )
             elif obj["kind"] == "Service":
                 self.core.create_namespaced_service(
+                    namespace, cast(Any, obj), _request_timeout=TIMEOUT
+                )
+            elif obj["kind"] == "Secret":
+                self.core.create_namespaced_secret(
                     namespace, cast(Any, obj), _request_timeout=TIMEOUT
                 )
             elif obj["kind"] == "FederationRound":

@@ -24,16 +24,20 @@ def store_for(kube: Kube, namespace: str, spec: StoreSpec) -> ObjectStore:
     (the CA bundle is public; it is written to a file because TLS wants a path)."""
     access = kube.secret_entry(namespace, spec.credentials.name, "accessKey").decode().strip()
     secret = kube.secret_entry(namespace, spec.credentials.name, "secretKey").decode().strip()
-    ca_file = None
-    if spec.ca is not None:
-        ca = kube.secret_entry(namespace, spec.ca.name, spec.ca.key)
-        ca_path = _ca_dir / f"{hashlib.sha256(ca).hexdigest()[:16]}.pem"
-        if not ca_path.exists():
-            ca_path.write_bytes(ca)
-        ca_file = str(ca_path)
-    url = spec.url(ca_file=ca_file)
+    url = spec.url(ca_file=ca_file_for(kube, namespace, spec))
     cache_key = hashlib.sha256(f"{url}\0{access}\0{secret}".encode()).hexdigest()
     with _lock:
         if cache_key not in _open:
             _open[cache_key] = open_store(url, credentials=S3Credentials(access, secret))
         return _open[cache_key]
+
+
+def ca_file_for(kube: Kube, namespace: str, spec: StoreSpec) -> str | None:
+    """The path of the spec's CA bundle, written once (it is public), or None."""
+    if spec.ca is None:
+        return None
+    ca = kube.secret_entry(namespace, spec.ca.name, spec.ca.key)
+    ca_path = _ca_dir / f"{hashlib.sha256(ca).hexdigest()[:16]}.pem"
+    if not ca_path.exists():
+        ca_path.write_bytes(ca)
+    return str(ca_path)
