@@ -82,6 +82,17 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     run.add_argument("--fresh", action="store_true", help="delete WORKDIR first")
     run.add_argument("--no-baseline", action="store_true", help="skip local-only models")
+    dp = run.add_argument_group(
+        "differential privacy",
+        "each participant clips its whole delta and adds Gaussian noise before upload "
+        "(see docs/privacy.md); off unless both of the first two are given",
+    )
+    dp.add_argument("--dp-noise-multiplier", type=float, default=None,
+                    help="noise std as a multiple of the clip norm")  # fmt: skip
+    dp.add_argument("--dp-clip-norm", type=float, default=None,
+                    help="L2 bound of each participant's whole delta per round")  # fmt: skip
+    dp.add_argument("--dp-delta", type=float, default=None,
+                    help="the delta epsilon is reported at (default 1e-5)")  # fmt: skip
     run.set_defaults(run=_run)
 
 
@@ -129,6 +140,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
     workdir = args.workdir.absolute()
+    from tapestry_trainer.privacy import PrivacyError, Settings
+
+    try:
+        args.privacy = Settings.parse(args.dp_noise_multiplier, args.dp_clip_norm, args.dp_delta)
+    except PrivacyError as e:
+        raise UsageError(f"--dp-*: {e}") from None
     try:
         people = _participants(args, workdir)
     except (FileNotFoundError, ValueError) as e:
@@ -483,6 +500,10 @@ class Federation:
         }
         if traceparent:
             env[pod.TRACEPARENT] = traceparent
+        if self.args.privacy is not None:
+            env[pod.DP_NOISE_MULTIPLIER] = repr(self.args.privacy.noise_multiplier)
+            env[pod.DP_CLIP_NORM] = repr(self.args.privacy.clip_norm)
+            env[pod.DP_DELTA] = repr(self.args.privacy.delta)
         command = [sys.executable, "-m", "tapestry_trainer.launch"]
         started = datetime.now(UTC)
         with p.log_file.open("wb") as log:
@@ -569,6 +590,8 @@ class Federation:
             if result.next_base is not None:
                 base = read_model(store, self.layout, result.next_base.manifest, key)
         report = self._report(store, base)
+        if self.args.privacy is not None:
+            report["privacy"] = self._privacy(store)
         report["seconds"] = round(time.monotonic() - started, 1)
         from tapestry_protocol.files import atomic_write_text
 
@@ -579,6 +602,35 @@ class Federation:
         return 0
 
     # -- evaluation -------------------------------------------------------------------
+
+    def _privacy(self, store: Any) -> dict[str, Any]:
+        """Each participant's cumulative guarantee, from its newest signed manifest with
+        privacy (the figure its operator would put in its status), as a table."""
+        from tapestry_protocol.documents import UpdateManifest
+        from tapestry_protocol.exchange import read_document
+        from tapestry_protocol.signing import verify
+
+        out: dict[str, Any] = {}
+        for p in self.people:
+            for r in reversed(range(self.args.rounds)):
+                key = self.layout.update_manifest(r, p.name)
+                if p.signer is None or not store.exists(key):
+                    continue
+                document, raw, _ = read_document(store, key, UpdateManifest)
+                verify(raw, p.name, p.signer.public_key)
+                if document.privacy is not None:
+                    out[p.name] = {"round": r, **document.privacy.to_json()}
+                    break
+        table = Table(title="differential privacy: each participant's guarantee so far")
+        for column in ("participant", "noise multiplier", "clip norm", "noised rounds", "ε", "δ"):
+            table.add_column(column, justify="left" if column == "participant" else "right")
+        for name, row in out.items():
+            table.add_row(
+                name, f"{row['noiseMultiplier']:g}", f"{row['clipNorm']:g}", str(row["rounds"]),
+                f"{row['epsilon']:.3g}", f"{row['delta']:g}",
+            )  # fmt: skip
+        console.print(table)
+        return out
 
     def _baselines(self) -> dict[str, Path]:
         """Train every local-only model in parallel processes (same compute as a member)."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import tapestry_telemetry as telemetry
 from tapestry_protocol import pod
-from tapestry_protocol.documents import ModelManifest, RoundPlan
+from tapestry_protocol.documents import ModelManifest, Privacy, RoundPlan
 from tapestry_protocol.exchange import (
     Verified,
     load_tensors,
@@ -49,7 +49,7 @@ from tapestry_protocol.store import ObjectStore, StoreError, open_store
 from tapestry_telemetry import Service, catalog, tracing
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
-from tapestry_trainer import plugins
+from tapestry_trainer import plugins, privacy
 from tapestry_trainer.inner import (
     DistContext,
     InnerResult,
@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env(pod.VERDICT),
         help="on failure, rank 0 writes {exitCode, message} here (for tapestry_trainer.launch)",
     )
+    dp = p.add_argument_group(
+        "differential privacy", "clip the whole delta and add Gaussian noise before upload"
+    )
+    dp.add_argument("--dp-noise-multiplier", type=float, default=_env(pod.DP_NOISE_MULTIPLIER),
+                    help="noise std / clip norm; with --dp-clip-norm turns privacy on")  # fmt: skip
+    dp.add_argument("--dp-clip-norm", type=float, default=_env(pod.DP_CLIP_NORM),
+                    help="L2 bound of the round's whole delta")  # fmt: skip
+    dp.add_argument(
+        "--dp-delta",
+        type=float,
+        default=_env(pod.DP_DELTA),
+        help=f"epsilon is reported at this delta (default {privacy.DEFAULT_DELTA})",
+    )
     return p
 
 
@@ -137,6 +150,15 @@ def _require(args: argparse.Namespace) -> None:
         raise ParticipantError(
             f"missing {', '.join(missing)} (or their TAPESTRY_* variables)", ExitCode.USAGE
         )
+    _privacy_settings(args)
+
+
+def _privacy_settings(args: argparse.Namespace) -> privacy.Settings | None:
+    """The differential-privacy settings, or None when they are off."""
+    try:
+        return privacy.Settings.parse(args.dp_noise_multiplier, args.dp_clip_norm, args.dp_delta)
+    except privacy.PrivacyError as e:
+        raise ParticipantError(str(e), ExitCode.USAGE) from None
 
 
 class Fetched(NamedTuple):
@@ -256,6 +278,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     _record_training(args, config, result)
     traceparent = tracing.current_traceparent()  # the share's span, for the manifest
     delta = compute_delta(fetched.base_arrays, state_arrays(model))
+    delta, noised = _privatize(args, fetched, checkpoints, delta)
     metrics: dict[str, float | str | None] = {**result.to_dict(), "worldSize": ctx.world_size}
     metrics["trainLoss"] = metrics.pop("meanLoss")  # the protocol's name for it
     _report(progress, ProgressEvent(Phase.UPLOAD, config.steps, config.steps, message="uploading"))
@@ -263,7 +286,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     with tracing.phase(SpanName.TRAINING_UPLOAD):
         update = publish_update(
             fetched.store, fetched.layout, fetched.plan, fetched.base, delta, fetched.signer,
-            tokens=result.tokens, metrics=metrics, traceparent=traceparent,
+            tokens=result.tokens, metrics=metrics, traceparent=traceparent, privacy=noised,
         )  # fmt: skip
     summary = {
         "manifest": update.key,
@@ -273,12 +296,40 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
         "bytesUploaded": update.document.metrics["bytesUploaded"],
         "uploadSeconds": round(time.perf_counter() - started, 3),
     }
+    committed = update.document.privacy  # a retried round reports what was committed
+    if committed is not None:
+        summary |= {"epsilon": committed.epsilon, "dpDelta": committed.delta,
+                    "dpRounds": committed.rounds}  # fmt: skip
     done = ProgressEvent(
         Phase.DONE, config.steps, config.steps, loss=result.mean_loss, message="uploaded",
         extra=summary,
     )  # fmt: skip
     _report(progress, done)
     return summary
+
+
+def _privatize(
+    args: argparse.Namespace, fetched: Fetched, workdir: Path, delta: dict[str, FloatArray]
+) -> tuple[dict[str, FloatArray], Privacy | None]:
+    """With differential privacy on: the clipped, noised delta and its signed record
+    (epsilon over this participant's noised rounds so far); else the delta as it is.
+
+    The noised delta is kept beside the round's checkpoints, so a retried upload sends
+    the same one (`privacy.release`)."""
+    settings = _privacy_settings(args)
+    if settings is None:
+        return delta, None
+    try:
+        earlier = privacy.earlier_noise(
+            fetched.store, fetched.layout, fetched.signer, fetched.plan.document.round
+        )
+        record = privacy.account(settings, earlier)
+    except privacy.PrivacyError as e:
+        raise ParticipantError(str(e)) from None
+    except StoreError as e:
+        raise ParticipantError(f"cannot count earlier noised rounds: {e}", ExitCode.CRASH) from None
+    made_for = f"{fetched.plan.sha256}/{fetched.base.sha256}"
+    return privacy.release(workdir, made_for, delta, settings, record)
 
 
 def _record_training(args: argparse.Namespace, config: InnerConfig, result: InnerResult) -> None:
