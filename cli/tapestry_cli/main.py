@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("round", type=round_number)
         p.set_defaults(run=run)
 
+    from tapestry_cli import verify
+
+    verify.add_parser(sub)
+
     agg = sub.add_parser("aggregate", help="merge a round's updates and publish its result")
     agg.add_argument("--store", required=True, help=STORE_HELP)
     agg.add_argument("--federation", required=True, type=federation_name)

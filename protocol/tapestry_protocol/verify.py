@@ -150,7 +150,9 @@ class RoundReport:
 
 @dataclass
 class FederationReport:
-    """What the walk verified; `failure` is the object that stopped it (None: all good)."""
+    """What the walk verified; `failure` is the object that stopped it (None: all good).
+
+    `rounds` holds only rounds that verified whole; the one that failed is not among them."""
 
     federation: str
     rounds: list[RoundReport] = field(default_factory=list)
@@ -323,8 +325,6 @@ class _Walk:
             )
         base = self._model(named.manifest, named.sha256, Role.BASE)
         report = RoundReport(r, base.ref, plan.sha256)
-        self.report.rounds.append(report)
-        self.report.latest_base = base.ref
         report.receipts = self._receipts(plan)
         close_key, result_key = layout.close(r), layout.result(r)
         has_close, has_result = self.store.exists(close_key), self.store.exists(result_key)
@@ -338,15 +338,22 @@ class _Walk:
             if has_close:
                 report.closed = True
                 self._close(plan)
+            self._done(report, base.ref)
             return named
         if not has_close:
             raise _fail(close_key, rejections.NOT_CLOSED, f"round {r} has a result but no close")
         report.closed = True
         close = self._close(plan)
         result = self._result(plan, base, close, report)
+        self._done(report, report.next_base or base.ref)
         if result.document.outcome == Outcome.SUCCEEDED and result.document.next_base:
             return result.document.next_base
         return named
+
+    def _done(self, report: RoundReport, latest: Ref) -> None:
+        """A round enters the report only once all of it verified."""
+        self.report.rounds.append(report)
+        self.report.latest_base = latest
 
     def _receipts(self, plan: Verified[RoundPlan]) -> dict[str, list[str]]:
         """Every object under the round's receipts/, each a receipt that verifies."""
@@ -442,7 +449,6 @@ class _Walk:
             self._expect_at(key, next_base, self.layout.base_manifest(r + 1), "next base")
             self._model(next_base.manifest, next_base.sha256, Role.BASE)
             report.next_base = next_base
-            self.report.latest_base = next_base
         if doc.optimizer_state is not None:
             state = doc.optimizer_state
             self._expect_at(key, state, self.layout.optimizer_manifest(r + 1), "optimizer state")

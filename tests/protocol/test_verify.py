@@ -168,7 +168,7 @@ def test_a_changed_value_is_a_bad_signature(history: History, copy: Path) -> Non
     report = _verify(copy, history.coordinator_key)
     assert report.failure is not None
     assert (report.failure.key, report.failure.reason) == (key, rejections.BAD_SIGNATURE)
-    assert [r.round for r in report.rounds] == [0, 1]  # round 0 verified before it
+    assert [r.round for r in report.rounds] == [0]  # verified before it; round 1 did not
 
 
 def test_every_object_the_chain_uses_is_checked(history: History, copy: Path) -> None:
@@ -273,3 +273,24 @@ def test_a_base_without_rounds_verifies(tmp_path: Path) -> None:
     assert report.ok and report.rounds == []
     assert isinstance(fed.base, Verified)
     assert report.latest_base == fed.base.ref
+
+
+def test_after_a_failed_round_the_next_trains_from_the_same_base(tmp_path: Path) -> None:
+    """Round 0 misses its quorum: no next base, and round 1 trains from bases/0 again."""
+    fed = make_federation(FilesystemStore(tmp_path, create=True), FEDERATION, min_participants=2)
+    fed.publish("alice", fed.delta())
+    failed = fed.aggregate(0, Strategy("fedavg")).document
+    assert failed.next_base is None
+    plan = fed.plan_round(1, fed.base)
+    fed.publish("alice", fed.delta(seed=1), plan=plan)
+    fed.aggregate(1, Strategy("fedavg"))
+    report = _verify(tmp_path, fed.coordinator.public_key_text)
+    assert report.ok, report.failure
+    r0, r1 = report.rounds
+    assert (r0.outcome, r1.outcome) == ("Failed", "Succeeded")
+    assert r0.next_base is None and r1.base == r0.base == fed.base.ref
+    assert [(x.participant, x.reason) for x in r0.refused] == [
+        ("alice", rejections.NO_QUORUM),
+        ("bob", rejections.LATE),
+    ]
+    assert report.latest_base == r1.next_base
