@@ -11,6 +11,11 @@ Three steps, each a function:
    base and optimizer-state shards are uploaded (content-addressed). Peak memory is a few
    shards, whatever the model size or the number of participants. A delta found bad
    mid-stream is refused with its reason and the merge restarts without it.
+   The robust policies (robust.py) change this step: with norm clipping a first pass
+   (`norm_pass`) streams every update once for its L2 norm, so each delta's scale is known
+   before it is added; the coordinate-wise rules (trimmed-mean, median) hold the N decoded
+   shard-i deltas at once, so their memory is participants x shard size (plus the sort's
+   N x `robust.COLUMN_BLOCK` floats), still independent of the model size.
 3. `commit_round`: the next base's and optimizer state's manifests, then the signed
    result, each write-once.
 
@@ -26,13 +31,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tapestry_aggregator import robust
+from tapestry_aggregator.robust import PolicyRecord
 from tapestry_aggregator.strategy import Strategy, compute_weights, outer_step
 from tapestry_protocol import rejections
 from tapestry_protocol.documents import (
@@ -72,6 +80,9 @@ from tapestry_telemetry import catalog, metrics, tracing, tracing_enabled
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
 
+if TYPE_CHECKING:
+    from tapestry_aggregator.validation import Score, Scorer
+
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +119,7 @@ class Merged:
     delta_norms: dict[str, float]
     bytes_read: int
     passes: int
+    records: dict[str, PolicyRecord] = field(default_factory=dict)
 
 
 def aggregate_round(
@@ -120,17 +132,26 @@ def aggregate_round(
     prefetch: int = 4,
     progress: ProgressCallback | None = None,
     traceparent: str | None = None,
+    scorer: Scorer | None = None,
 ) -> Verified[RoundResult]:
     """Aggregate the closed round `round_number` and publish its signed result.
 
     Idempotent: a round that has a result returns it; a re-run after a crash yields the
-    same bytes. The round must have been closed (`exchange.close_round`).
+    same bytes. The round must have been closed (`exchange.close_round`). With
+    `strategy.validation_margin` set, `scorer` (the coordinator's held-out loss of a full
+    model, `validation.Scorer`) scores every update before the merge and those worse than
+    the base by more than the margin are refused.
 
     Its span continues `traceparent` (the round's context, which the coordinator gives
     the aggregator Job), or else the plan's, and links to the span each merged update
     was made in (the manifests' trace context). Telemetry never enters the result."""
     if signer.key_id != COORDINATOR:
         raise ValueError(f"the aggregator signs as {COORDINATOR!r}, not {signer.key_id!r}")
+    if strategy.validation_margin is not None and scorer is None:
+        raise ValueError(
+            f"the strategy sets a validation margin ({strategy.validation_margin:g}) but no "
+            "scorer was given: pass the coordinator's held-out set (a validation.Scorer)"
+        )
     coordinator_key = signer.public_key_text
     if store.exists(layout.result(round_number)):
         return read_result(store, layout, round_number, coordinator_key)
@@ -144,13 +165,18 @@ def aggregate_round(
     with tracing.phase(SpanName.AGGREGATION, parent, attributes) as span:
         with tracing.phase(SpanName.AGGREGATION_COLLECT):
             inputs = collect_inputs(store, layout, round_number, coordinator_key, strategy)
+        scores: dict[str, Score] = {}
+        if strategy.validation_margin is not None and scorer is not None:
+            from tapestry_aggregator.validation import score_updates  # it imports this module
+
+            scores = score_updates(store, inputs, scorer, strategy.validation_margin)
         for name, update in sorted(inputs.updates.items()):
             link = tracing.link_to(update.document.traceparent, {catalog.PARTICIPANT: name})
             if link is not None:
                 span.add_link(link.context, link.attributes)
         merge_started = time.monotonic()
         with tracing.phase(SpanName.AGGREGATION_MERGE):
-            merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress)
+            merged = merge_until_quorum(store, layout, inputs, strategy, prefetch, progress, scores)
         merge_seconds = time.monotonic() - merge_started
         with tracing.phase(SpanName.AGGREGATION_COMMIT):
             result = commit_round(store, layout, inputs, merged, strategy, signer)
@@ -275,28 +301,65 @@ def merge_until_quorum(
     strategy: Strategy,
     prefetch: int,
     progress: ProgressCallback | None,
+    scores: Mapping[str, Score] | None = None,
 ) -> Merged | None:
     """Stream the merge; each refusal mid-stream restarts it without that update, until
-    it succeeds or fewer updates than the quorum remain (None)."""
+    it succeeds or fewer updates than the quorum remain (None).
+
+    Each attempt starts the policies afresh (the median norm and the weights depend on
+    who is left): tokens counted (cap), then with clipping a norm pass, then the merge."""
     passes = bytes_read = 0
-    while len(inputs.updates) >= inputs.plan.document.min_participants:
-        weights = compute_weights(
-            {n: u.document.tokens for n, u in inputs.updates.items()},
-            strategy.weighting,
-            strategy.max_share,
-        )
-        passes += 1
+    plan = inputs.plan.document
+    while len(inputs.updates) >= plan.min_participants:
+        records: dict[str, PolicyRecord] = {}
+        for name, score in sorted((scores or {}).items()):
+            if name in inputs.updates:
+                records[name] = PolicyRecord(
+                    {"validationLoss": score.loss, "baseValidationLoss": score.base_loss}
+                )
+        claimed = {n: u.document.tokens for n, u in inputs.updates.items()}
+        counted = robust.count_tokens(strategy, plan, claimed, records)
+        if strategy.combine == "mean":
+            weights = compute_weights(counted, strategy.weighting, strategy.max_share)
+        else:  # coordinate-wise rules: every participant is one vote
+            weights = dict.fromkeys(sorted(inputs.updates), 1.0 / len(inputs.updates))
         counter = [0]
         try:
+            scales = dict.fromkeys(inputs.updates, 1.0)
+            if strategy.clip != "none":
+                passes += 1
+                norms = norm_pass(store, inputs, prefetch, counter)
+                scales = robust.clip_scales(strategy, norms, records)
+            passes += 1
             base, state, norms = stream_merge(
-                store, layout, inputs, weights, strategy, prefetch, progress, counter
-            )
+                store, layout, inputs, weights, strategy, prefetch, progress, counter,
+                scales, records,
+            )  # fmt: skip
         except _Rejection as r:
             inputs.refuse(r.participant, r.reason, r.message)
             bytes_read += counter[0]
             continue
-        return Merged(base, state, weights, norms, bytes_read + counter[0], passes)
+        return Merged(base, state, weights, norms, bytes_read + counter[0], passes, records)
     return None
+
+
+def norm_pass(
+    store: ObjectStore, inputs: RoundInputs, prefetch: int, counter: list[int]
+) -> dict[str, float]:
+    """Each included delta's L2 norm, in one streaming pass with the merge's checks (a
+    bad shard is the same refusal it would be in the merge); one shard at a time."""
+    names = sorted(inputs.updates)
+    norms_sq = dict.fromkeys(names, 0.0)
+    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+        shards = _shards(pool, store, inputs.base, inputs.updates, names, prefetch)
+        for shard, current, deltas in shards:
+            for participant, data in deltas:
+                update = inputs.updates[participant]
+                _, squares = _checked_delta(participant, update, shard, data, current)
+                for square in squares:  # the merge's order, so both passes agree exactly
+                    norms_sq[participant] += square
+                counter[0] += len(data)
+    return {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
 
 
 def commit_round(
@@ -322,6 +385,7 @@ def commit_round(
                 store, layout, round_number + 1, merged.state, signer, Role.OPTIMIZER, {}, meta
             )
     updates = inputs.updates if merged is not None else {}
+    records = merged.records if merged is not None else {}
     accepted = tuple(
         Contribution(
             n,
@@ -330,6 +394,8 @@ def commit_round(
             u.sha256,
             merged.delta_norms[n],
             u.document.metrics,
+            tuple(records[n].adjustments) if n in records else (),
+            dict(records[n].figures) if n in records else {},
         )
         for n, u in sorted(updates.items())
         if merged is not None
@@ -408,11 +474,26 @@ def stream_merge(
     prefetch: int,
     progress: ProgressCallback | None,
     counter: list[int],
+    scales: Mapping[str, float] | None = None,
+    records: dict[str, PolicyRecord] | None = None,
 ) -> tuple[list[ShardRef], list[ShardRef], dict[str, float]]:
-    """One pass over every shard; raises _Rejection naming the first bad update."""
+    """One pass over every shard; raises _Rejection naming the first bad update.
+
+    Each delta is multiplied by its clip scale (1 without clipping). The mean adds
+    weight x scale x delta into one accumulator per tensor (memory: a few shards); the
+    coordinate-wise rules (trimmed-mean, median) first fill an N x tensor stack with the
+    scaled deltas of all N participants for the shard, unweighted, and combine it per
+    coordinate (memory: N x shard size). The norms returned are those before clipping."""
     round_number = inputs.plan.document.round
     base, state, accepted = inputs.base, inputs.state, inputs.updates
     names = sorted(accepted)
+    scales = scales if scales is not None else dict.fromkeys(names, 1.0)
+    records = records if records is not None else {}
+    coordinatewise = strategy.combine != "mean"
+    lo, hi = robust.kept_ranks(strategy.combine, len(names), strategy.trim) if coordinatewise \
+        else (0, len(names) - 1)  # fmt: skip
+    trimmed = np.zeros(len(names), dtype=np.int64)
+    coordinates = 0
     base_refs = base.document.shards
     norms_sq = dict.fromkeys(names, 0.0)
     uploads: list[tuple[Future[ShardRef], Future[ShardRef] | None]] = []
@@ -424,22 +505,33 @@ def stream_merge(
     ):
         for shard, current, deltas in _shards(pool, store, base, accepted, names, prefetch):
             accumulator: dict[str, FloatArray] = {}
-            for participant, data in deltas:
+            for row, (participant, data) in enumerate(deltas):
                 update = accepted[participant]
-                ref = update.document.shards[shard]
-                where = update.directory + ref.name
-                delta = _guarded_decode(participant, data, ref, update.document.encoding, where)
-                weight = np.float32(weights[participant])
+                delta, squares = _checked_delta(participant, update, shard, data, current)
+                for square in squares:
+                    norms_sq[participant] += square
+                scale = np.float32(scales[participant])
+                weight = np.float32(weights[participant] * scales[participant])
                 for tensor, values in delta.items():
-                    norms_sq[participant] += _checked_norm_sq(
-                        participant, where, tensor, values, current[tensor]
-                    )
-                    if tensor in accumulator:
+                    if coordinatewise:
+                        if tensor not in accumulator:
+                            shape = (len(names), *values.shape)
+                            accumulator[tensor] = np.empty(shape, dtype=np.float32)
+                        accumulator[tensor][row] = values if scale == 1 else scale * values
+                    elif tensor in accumulator:
                         accumulator[tensor] += weight * values
                     else:
                         accumulator[tensor] = weight * values
+                del delta
                 counter[0] += len(data)
+            if coordinatewise:
+                for tensor in list(accumulator):
+                    stack = accumulator.pop(tensor)
+                    accumulator[tensor] = robust.combine(stack, lo, hi, trimmed)
+                    coordinates += stack[0].size
+                    del stack
             new, new_state = _step_shard(store, state, shard, current, accumulator, strategy)
+            del accumulator
             group = list(base_refs[shard].tensors)
             if len(uploads) >= 2:
                 _wait(uploads[-2])
@@ -458,7 +550,28 @@ def stream_merge(
                 progress(ProgressEvent(Phase.MERGE, shard + 1, len(base_refs)))
         out_base = [b.result() for b, _ in uploads]
         out_state = [s.result() for _, s in uploads if s is not None]
+    if coordinatewise:
+        robust.record_trimmed(strategy.combine, lo, hi, names, trimmed, coordinates, records)
     return out_base, out_state, {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
+
+
+def _checked_delta(
+    participant: str,
+    update: Verified[UpdateManifest],
+    shard: int,
+    data: bytes,
+    current: dict[str, FloatArray],
+) -> tuple[dict[str, FloatArray], list[float]]:
+    """One participant's decoded shard `shard` and each tensor's squared norm, checked
+    against the base shard `current` (shapes, NaN/inf, size); a bad one is its refusal."""
+    ref = update.document.shards[shard]
+    where = update.directory + ref.name
+    delta = _guarded_decode(participant, data, ref, update.document.encoding, where)
+    squares = [
+        _checked_norm_sq(participant, where, tensor, values, current[tensor])
+        for tensor, values in delta.items()
+    ]
+    return delta, squares
 
 
 def _guarded_decode(
