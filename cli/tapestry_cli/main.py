@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     local.add_parser(sub)
 
+    from tapestry_cli import identities
+
+    store = sub.add_parser("store", help="the object store: its parties' identities")
+    identities.add_parser(store.add_subparsers(metavar="TOPIC", required=True))
+
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         metavar="ACTION", required=True
     )

@@ -38,6 +38,7 @@ from .s3 import (
     DEFAULT_PART_SIZE,
     DEFAULT_WORKERS,
     ConditionalMultipart,
+    DirectoryCredentials,
     S3Credentials,
     S3Location,
     S3Store,
@@ -47,6 +48,7 @@ __all__ = [
     "FAST_RETRY",
     "AccessDenied",
     "BucketNotFound",
+    "DirectoryCredentials",
     "FilesystemStore",
     "InvalidKey",
     "ObjectExists",
@@ -101,11 +103,14 @@ def open_store(
         raise ValueError(f"unsupported store URL scheme {scheme!r} in {text}; use {_SCHEMES}")
     location = S3Location.parse(text)
     creds_dir = credentials_dir or location.params.get("credentials_dir")
-    if credentials is None:
-        credentials = S3Credentials.from_dir(creds_dir) if creds_dir else S3Credentials.from_env()
+    if credentials is None and not creds_dir:
+        creds_dir = os.environ.get("TAPESTRY_S3_CREDENTIALS_DIR") or None
+        credentials = None if creds_dir else S3Credentials.from_env()
     store = S3Store(
         location,
         credentials=credentials,
+        # A directory is followed as it changes (a rotated Secret needs no restart).
+        credentials_dir=creds_dir if credentials is None else None,
         region=region or location.params.get("region") or _env_region(),
         ca_file=ca_file or location.params.get("ca_file") or None,
         retry=retry,

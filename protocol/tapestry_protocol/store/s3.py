@@ -51,6 +51,7 @@ import urllib3
 from minio import Minio
 from minio import time as s3time
 from minio.credentials.credentials import Credentials
+from minio.credentials.providers import Provider, StaticProvider
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import DictType
 from minio.signer import sign_v4_s3
@@ -143,6 +144,10 @@ class S3Credentials:
         names = " or ".join(f"{a}+{s}" for a, s in CREDENTIAL_FILES)
         raise StoreError(f"credentials directory {directory} has no {names} files")
 
+    def provider(self) -> Provider:
+        """The SDK's view of these credentials."""
+        return StaticProvider(self.access_key, self.secret_key, self.session_token)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Credentials | None:
         """TAPESTRY_S3_CREDENTIALS_DIR, TAPESTRY_S3_ACCESS_KEY/SECRET_KEY, then AWS_*."""
@@ -158,6 +163,72 @@ class S3Credentials:
             if env.get(access) or env.get(secret):
                 raise StoreError(f"{access} and {secret} must be set together")
         return None
+
+
+class DirectoryCredentials(Provider):
+    """Credentials from a directory, re-read whenever its files change.
+
+    A mounted Kubernetes Secret is updated by atomically swapping its `..data` symlink,
+    so the files' identity (device, inode, mtime, size, through the links) changes
+    while a pod keeps running: each request compares it (a few stat calls) and re-reads
+    on a change, so a rotated key is used without a restart. A half-updated directory
+    (files missing, or changing while read) keeps the last good pair.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp, self._current = self._read()  # StoreError if there is nothing to read
+
+    def current(self) -> S3Credentials:
+        """The pair now in the directory (cached while the files are unchanged)."""
+        if self._stamp_now() != self._stamp:
+            self.reload()
+        return self._current
+
+    def reload(self) -> bool:
+        """Re-read the directory now; True if the access key or secret changed."""
+        with self._lock:
+            try:
+                stamp, credentials = self._read()
+            except (StoreError, OSError) as exc:
+                log.warning("keeping the credentials read before from %s: %s", self.path, exc)
+                return False
+            changed = credentials != self._current
+            self._stamp, self._current = stamp, credentials
+        if changed:
+            log.info("credentials in %s changed: access key %s", self.path, credentials.access_key)
+        return changed
+
+    def retrieve(self) -> Credentials:
+        c = self.current()
+        return Credentials(c.access_key, c.secret_key, c.session_token)
+
+    def _stamp_now(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int, int] | None] = []
+        for access_name, secret_name in CREDENTIAL_FILES:
+            for name in (access_name, secret_name):
+                try:
+                    st = os.stat(self.path / name)
+                except OSError:
+                    stamps.append(None)
+                else:
+                    stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        try:
+            st = os.stat(self.path / "sessionToken")
+            stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append(None)
+        return tuple(stamps)
+
+    def _read(self) -> tuple[tuple[tuple[int, int, int, int] | None, ...], S3Credentials]:
+        """A consistent read: the files did not change between two stamps around it."""
+        for _ in range(5):
+            before = self._stamp_now()
+            credentials = S3Credentials.from_dir(self.path)
+            if self._stamp_now() == before:
+                return before, credentials
+        raise StoreError(f"credentials directory {self.path} kept changing while being read")
 
 
 @dataclass(frozen=True)
@@ -229,11 +300,17 @@ class S3Store(ObjectStore):
         conditional_multipart: ConditionalMultipart = "auto",
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        credentials_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """`conditional_multipart` says how a large `if_absent` put commits: "native" is
         If-None-Match on CompleteMultipartUpload, "single-put" one streamed PutObject
         (for servers that do not evaluate the former atomically), "auto" picks "single-put"
-        for SeaweedFS and "native" for everything else."""
+        for SeaweedFS and "native" for everything else.
+
+        `credentials_dir` (instead of `credentials`) follows a directory of key files as
+        it changes (see DirectoryCredentials): a rotated key needs no new store."""
+        if credentials is not None and credentials_dir is not None:
+            raise ValueError("pass credentials or credentials_dir, not both")
         modes = get_args(ConditionalMultipart)
         if conditional_multipart not in modes:
             raise ValueError(
@@ -252,6 +329,8 @@ class S3Store(ObjectStore):
         self.url = location.url
         self.part_size = part_size
         self.max_workers = max_workers
+        self._directory = DirectoryCredentials(credentials_dir) if credentials_dir else None
+        provider = self._directory or (credentials.provider() if credentials else None)
         self._credentials = credentials
         self._conditional_multipart = conditional_multipart
         self._native_conditional_multipart: bool | None = None
@@ -268,9 +347,7 @@ class S3Store(ObjectStore):
         is_aws = endpoint.hostname is not None and endpoint.hostname.endswith("amazonaws.com")
         self._client = Minio(
             endpoint.netloc,
-            access_key=credentials.access_key if credentials else None,
-            secret_key=credentials.secret_key if credentials else None,
-            session_token=credentials.session_token if credentials else None,
+            credentials=provider,
             secure=endpoint.scheme == "https",
             # Self-hosted servers rarely check the region; naming one saves a
             # GetBucketLocation round trip (pass `region` for one configured with a region).
@@ -338,12 +415,20 @@ class S3Store(ObjectStore):
         if self._conditional_multipart != "auto":
             return self._conditional_multipart == "native"
         if self._native_conditional_multipart is None:
-            response = self._call(
-                "probe bucket for", None, lambda: self._client._execute("HEAD", self.bucket)
-            )
+            response = self._call("probe bucket for", None, self._probe_bucket)
             server = response.headers.get("Server", "")
             self._native_conditional_multipart = not server.startswith("SeaweedFS")
         return self._native_conditional_multipart
+
+    def _probe_bucket(self) -> urllib3.BaseHTTPResponse:
+        """HeadBucket; a 403 answer names its server too. A least-privilege identity (a
+        member's: no ListBucket, see store/access.py) is refused HeadBucket."""
+        try:
+            return self._client._execute("HEAD", self.bucket)
+        except S3Error as exc:
+            if exc.response is not None and exc.response.status == 403:
+                return exc.response
+            raise
 
     def _put_streamed(self, key: str, name: str, stream: BinaryIO) -> ObjectInfo:
         """Conditional create of a large object in ONE PutObject, streamed from disk.
@@ -385,7 +470,7 @@ class S3Store(ObjectStore):
         )
         date = s3time.utcnow()
         request: DictType = {**headers, "Host": url.netloc, "x-amz-date": s3time.to_amz_date(date)}
-        creds = self._credentials
+        creds = self._directory.current() if self._directory else self._credentials
         if creds is not None:
             if creds.session_token:
                 request["X-Amz-Security-Token"] = creds.session_token
@@ -718,7 +803,14 @@ class S3Store(ObjectStore):
         return self.prefix + validate_key(key)
 
     def _call(self, what: str, key: str | None, op: Callable[[], T]) -> T:
-        return self._retrier.call(what, key, op)
+        try:
+            return self._retrier.call(what, key, op)
+        except AccessDenied:
+            # A key rotated in the credentials directory may be refused before its files
+            # show the change (or the other way round): re-read once, retry if it changed.
+            if self._directory is None or not self._directory.reload():
+                raise
+            return self._retrier.call(what, key, op)
 
     def _translate(self, exc: BaseException, key: str | None) -> StoreError | None:
         """Map an SDK/transport exception to a StoreError naming the key and bucket."""
@@ -759,7 +851,7 @@ class S3Store(ObjectStore):
         if status == 403 or code in _DENIED_CODES:
             hint = (
                 "no credentials are configured"
-                if self._credentials is None
+                if self._credentials is None and self._directory is None
                 else "check the access key, secret key and bucket policy"
             )
             return AccessDenied(f"access denied to {where} ({detail}); {hint}", key)
