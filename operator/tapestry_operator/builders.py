@@ -260,6 +260,8 @@ def build_training_job(
         env[pod.LOADER] = config.loader
     if config.loader_options:
         env[pod.LOADER_OPTIONS] = json.dumps(config.loader_options, sort_keys=True)
+    if config.privacy is not None:
+        env |= config.privacy.environment()
     env = _with_telemetry(env, traceparent)
     resources = _gpu_resources(config.resources, config.gpus_per_node)
     container: Obj = {

@@ -208,6 +208,30 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """spec.privacy: the trainer clips and noises its delta (docs/privacy.md); the CRD
+    has checked the ranges and defaulted delta, the trainer checks them again."""
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> PrivacySpec | None:
+        if spec is None:
+            return None
+        return cls(float(spec["noiseMultiplier"]), float(spec["clipNorm"]), float(spec["delta"]))
+
+    def environment(self) -> dict[str, str]:
+        """The trainer pod's variables (`tapestry_protocol.pod`)."""
+        return {
+            pod.DP_NOISE_MULTIPLIER: repr(self.noise_multiplier),
+            pod.DP_CLIP_NORM: repr(self.clip_norm),
+            pod.DP_DELTA: repr(self.delta),
+        }
+
+
+@dataclass(frozen=True)
 class ParticipantConfig:
     """A Participant's spec: one member's own cluster, data and compute."""
 
@@ -240,6 +264,7 @@ class ParticipantConfig:
     poll: timedelta
     history_limit: int
     generation: int = 0
+    privacy: PrivacySpec | None = None
 
     @property
     def layout(self) -> Layout:
@@ -282,4 +307,5 @@ class ParticipantConfig:
             poll=parse_duration(spec["pollInterval"]),
             history_limit=spec["historyLimit"],
             generation=meta.get("generation", 0),
+            privacy=PrivacySpec.from_spec(spec.get("privacy")),
         )
