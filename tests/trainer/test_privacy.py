@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
+from tapestry_protocol import pod
 from tapestry_protocol.documents import UpdateManifest
 from tapestry_protocol.exchange import (
     decode_shard,
@@ -324,3 +325,36 @@ def test_local_run_refuses_bad_privacy_flags(tmp_path: Path) -> None:
     assert "clip norm must be a number > 0" in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- from the Participant's spec to the trainer pod ---------------------------------
+
+
+def test_spec_privacy_reaches_the_trainer_pod_and_its_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """spec.privacy, stored as the API server stores it (delta defaulted), becomes the
+    trainer pod's TAPESTRY_DP_* variables, which the trainer reads back as the same
+    settings; without spec.privacy the pod has none of them."""
+    from tapestry_operator.builders import build_training_job
+    from tapestry_operator.config import ParticipantConfig
+    from tests.operator import crd_defaults
+
+    body = crd_defaults.participant(
+        compute={"resources": {}}, privacy={"noiseMultiplier": 1.3, "clipNorm": 0.25}
+    )
+    assert body["spec"]["privacy"]["delta"] == privacy.DEFAULT_DELTA  # the CRD's default
+    job = build_training_job(ParticipantConfig.from_body(body), 4, body)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    names = (pod.DP_NOISE_MULTIPLIER, pod.DP_CLIP_NORM, pod.DP_DELTA)
+    assert [env[n] for n in names] == ["1.3", "0.25", "1e-05"]
+    for name in names:
+        monkeypatch.setenv(name, env[name])
+    args = participant.build_parser().parse_args([])
+    assert participant._privacy_settings(args) == privacy.Settings(1.3, 0.25, 1e-5)
+
+    plain = crd_defaults.participant(compute={"resources": {}})
+    job = build_training_job(ParticipantConfig.from_body(plain), 4, plain)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert not {e["name"] for e in container["env"]} & set(names)
