@@ -38,6 +38,7 @@ class Rule:
     resources: tuple[str, ...]
     verb: str
     why: str
+    when: str = ""  # the chart value that turns the rule on; empty: always there
 
     def as_policy_rule(self) -> Obj:
         return {"apiGroups": [self.api_group], "resources": list(self.resources),
@@ -63,6 +64,15 @@ RULES = (
          "coordinator.reconcile_round reads the round's Federation"),
     Rule("create-federationrounds", "coordinator", "tapestry.dev", ("federationrounds",),
          "create", "autoRounds: coordinator._next_auto_round creates the next round"),
+    Rule("create-secrets", "coordinator", "", ("secrets",), "create",
+         "spec.store.identities: identities.sync makes each member's store key Secret",
+         "storeIdentities.enabled"),
+    Rule("update-secrets", "coordinator", "", ("secrets",), "update",
+         "identities.sync replaces a Secret whose key was revoked outside the operator",
+         "storeIdentities.enabled"),
+    Rule("delete-secrets", "coordinator", "", ("secrets",), "delete",
+         "identities.sync deletes the Secret of a member removed from spec.members",
+         "storeIdentities.enabled"),
     Rule("list-participants", "participant", "tapestry.dev", ("participants",), "list",
          "Kopf lists them to start one daemon per object"),
     Rule("watch-participants", "participant", "tapestry.dev", ("participants",), "watch",
@@ -93,9 +103,15 @@ RULES = (
 )  # fmt: skip
 
 
-def rules_for(role: str) -> list[Obj]:
-    """The policy rules of the operator's Role for `role`, in the chart's order."""
-    return [r.as_policy_rule() for r in RULES if r.applies_to(role)]
+def rules_for(role: str, *turned_on: str) -> list[Obj]:
+    """The policy rules of the operator's Role for `role`, in the chart's order, with the
+    rules of the values in `turned_on` (e.g. storeIdentities.enabled)."""
+    return [r.as_policy_rule() for r in RULES
+            if r.applies_to(role) and (not r.when or r.when in turned_on)]  # fmt: skip
+
+
+#: The rules present whatever the values say (each has a removal case on a cluster).
+ALWAYS = tuple(r for r in RULES if not r.when)
 
 
 def template(

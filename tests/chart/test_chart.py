@@ -337,6 +337,19 @@ def test_the_roles_grant_exactly_the_documented_rules(role: str) -> None:
         ]
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_store_identities_add_the_secret_writes_to_the_coordinator_only(role: str) -> None:
+    objects = template({**_values(role), "storeIdentities": {"enabled": True}})
+    expected = rules_for(role, "storeIdentities.enabled")
+    for r in of_kind(objects, "Role"):
+        assert r["rules"] == expected, r["metadata"]["namespace"]
+    writes = {v for rule in expected if rule["resources"] == ["secrets"] for v in rule["verbs"]}
+    assert writes == ({"get", "create", "update", "delete"} if role != "participant" else {"get"})
+    assert [x for x in rules_for(role) if x["resources"] == ["secrets"]] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    ]  # off by default: the operator only reads Secrets
+
+
 def test_every_rule_is_one_verb_and_commented_with_why_in_the_template() -> None:
     text = (CHART / "templates" / "rbac.yaml").read_text()
     rules = re.findall(r"((?:  #.*\n)+)  - apiGroups: \[(.*)\]\n    resources: \[(.*)\]\n"
