@@ -20,10 +20,11 @@ from tapestry_operator.config import ParticipantConfig
 from tapestry_operator.coordinator import Visit
 from tapestry_operator.kube import Kube, SecretMissing
 from tapestry_operator.stores import store_for
-from tapestry_protocol.documents import ReceiptState
-from tapestry_protocol.exchange import read_receipts
-from tapestry_protocol.signing import SigningKey, load_signing_key
-from tapestry_protocol.store import ObjectStore
+from tapestry_protocol.documents import ReceiptState, UpdateManifest
+from tapestry_protocol.exchange import read_document, read_receipts
+from tapestry_protocol.rejections import Rejected
+from tapestry_protocol.signing import SigningKey, load_signing_key, verify
+from tapestry_protocol.store import ObjectStore, StoreError
 from tapestry_telemetry import catalog, rounds, tracing, tracing_enabled
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
@@ -78,7 +79,7 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
     step = lifecycle.decide(view, _admission(config))
     # Move on while this round is settled and the store has a plan for the next one.
     while step.do in _FINISHED and store.exists(config.layout.plan(round_number + 1)):
-        _remember(history, round_number, step)
+        _remember(history, round_number, step, _privacy_row(store, config, signer, view, history))
         seen.append((view, step))
         round_number += 1
         view = _observe(kube, store, config, round_number, now)
@@ -90,7 +91,7 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
         view = _observe(kube, store, config, round_number, now)
         step = lifecycle.decide(view, _admission(config))
     if view.plan is not None:
-        _remember(history, round_number, step)
+        _remember(history, round_number, step, _privacy_row(store, config, signer, view, history))
         seen.append((view, step))
     for seen_view, seen_step in seen:
         _observe_end(store, config, seen_view, seen_step, before, now)
@@ -103,6 +104,9 @@ def reconcile_participant(kube: Kube, body: dict[str, Any], now: datetime) -> Vi
         else "",
         "rounds": [history[r] for r in sorted(history)][-max(1, config.history_limit) :],
     }
+    latest = latest_privacy(history, previous.get("privacy"))
+    if latest is not None:
+        fields["privacy"] = latest
     if step.do == Do.AWAIT_APPROVAL and view.plan is not None:
         plan = view.plan.document
         fields["awaitingApproval"] = {
@@ -201,7 +205,63 @@ def _observe_end(
         )  # fmt: skip
 
 
-def _remember(history: dict[int, dict[str, Any]], round_number: int, step: lifecycle.Next) -> None:
+def _privacy_row(
+    store: ObjectStore,
+    config: ParticipantConfig,
+    signer: SigningKey,
+    view: PlanView,
+    history: dict[int, dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The (epsilon, delta) of this member's update of the viewed round, from its own
+    signed manifest (what the coordinator sees), read once: None when the round has no
+    update yet, was not noised, or its row already has it. Only with spec.privacy set."""
+    plan = view.plan
+    if config.privacy is None or plan is None or not view.uploaded:
+        return None
+    round_number = plan.document.round
+    if "privacy" in history.get(round_number, {}):
+        return None
+    key = config.layout.update_manifest(round_number, config.member)
+    try:
+        document, raw, _ = read_document(store, key, UpdateManifest)
+        verify(raw, config.member, signer.public_key)
+    except (Rejected, StoreError):
+        return None  # the round's verdict says what is wrong with it
+    recorded = document.privacy
+    if recorded is None or document.round != round_number:
+        return None
+    return {
+        "epsilon": recorded.epsilon,
+        "delta": recorded.delta,
+        "rounds": recorded.rounds,
+        "noiseMultiplier": recorded.noise_multiplier,
+        "clipNorm": recorded.clip_norm,
+    }
+
+
+def latest_privacy(
+    history: dict[int, dict[str, Any]], previous: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """status.privacy: the newest round's cumulative guarantee; kept when the rows that
+    had it have aged out of status.rounds."""
+    for round_number in sorted(history, reverse=True):
+        found = history[round_number].get("privacy")
+        if found:
+            row = {"round": round_number, **{k: found[k] for k in ("epsilon", "delta", "rounds")}}
+            if previous and previous.get("round", -1) > round_number:
+                return previous
+            return row
+    return previous or None
+
+
+def _remember(
+    history: dict[int, dict[str, Any]],
+    round_number: int,
+    step: lifecycle.Next,
+    privacy: dict[str, Any] | None = None,
+) -> None:
+    """The round's row of status.rounds; its privacy, once read, stays with it."""
+    privacy = privacy or history.get(round_number, {}).get("privacy")
     row: dict[str, Any] = {
         "round": round_number,
         "state": str(step.state),
@@ -210,6 +270,8 @@ def _remember(history: dict[int, dict[str, Any]], round_number: int, step: lifec
     }
     if step.weight is not None:
         row["weight"] = step.weight
+    if privacy:
+        row["privacy"] = privacy
     history[round_number] = row
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -358,3 +359,53 @@ def test_spec_privacy_reaches_the_trainer_pod_and_its_parser(
     job = build_training_job(ParticipantConfig.from_body(plain), 4, plain)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert not {e["name"] for e in container["env"]} & set(names)
+
+
+def test_participant_status_shows_epsilon_per_round_and_latest(
+    round0: Round0, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator reads epsilon from the member's own signed manifest into the round's
+    row, keeps it there, and status.privacy holds the newest cumulative figure."""
+    from datetime import UTC, datetime
+
+    from tapestry_lifecycle.participant import Do, Next, PlanView
+    from tapestry_lifecycle.states import MemberState, Reason
+    from tapestry_operator import participant as operator
+    from tapestry_operator.config import ParticipantConfig
+    from tests.operator import crd_defaults
+
+    _clean_env(monkeypatch)
+    assert participant.main([*round0.argv, *DP]) == 0
+    body = crd_defaults.participant(
+        "alice", federation="sign", compute={"resources": {}},
+        privacy={"noiseMultiplier": 0.5, "clipNorm": 0.05},
+    )  # fmt: skip
+    config = ParticipantConfig.from_body(body)
+    signer = load_signing_key("alice", round0.workdir / "keys" / "alice.key")
+    plan = read_plan(round0.store, round0.layout, 0, round0.coordinator.public_key_text)
+    view = PlanView("alice", datetime.now(UTC), plan=plan, uploaded=True)
+    history: dict[int, dict[str, Any]] = {}
+    row = operator._privacy_row(round0.store, config, signer, view, history)
+    expected = _reference_epsilon([0.5], 1e-5)
+    assert row is not None and row["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert (row["delta"], row["rounds"], row["noiseMultiplier"], row["clipNorm"]) == (
+        1e-5, 1, 0.5, 0.05,
+    )  # fmt: skip
+    step = Next(Do.WAIT, MemberState.UPLOADED, Reason.UPLOADED, "uploaded")
+    operator._remember(history, 0, step, row)
+    assert history[0]["privacy"] == row
+    merged = Next(Do.DONE, MemberState.MERGED, Reason.MERGED, "merged", weight=1.0)
+    operator._remember(history, 0, merged)  # a later visit
+    assert history[0]["privacy"] == row  # read once, kept
+    assert operator._privacy_row(round0.store, config, signer, view, history) is None
+    latest = operator.latest_privacy(history, None)
+    assert latest == {"round": 0, "epsilon": row["epsilon"], "delta": 1e-5, "rounds": 1}
+    # a newer figure already in status survives rows that aged out
+    newer = {"round": 7, "epsilon": 9.0, "delta": 1e-5, "rounds": 8}
+    assert operator.latest_privacy(history, newer) == newer
+    assert operator.latest_privacy({}, newer) == newer
+    # without spec.privacy the operator reads nothing
+    off = ParticipantConfig.from_body(
+        crd_defaults.participant("alice", federation="sign", compute={"resources": {}})
+    )
+    assert operator._privacy_row(round0.store, off, signer, view, {}) is None
