@@ -13,6 +13,7 @@ All arithmetic is float32 in a fixed order, so a re-run is bit-for-bit identical
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -112,6 +113,43 @@ class Strategy:
         if unknown:
             raise ValueError(f"unknown strategy fields {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
+
+
+def add_robust_arguments(parser: argparse.ArgumentParser) -> None:
+    """The robust policies' flags, shared by `tapestry aggregate` and `tapestry local run`
+    (read back by `robust_from_args`; the Strategy checks the values)."""
+    group = parser.add_argument_group("robust aggregation", "see docs/aggregator.md")
+    group.add_argument(
+        "--clip", default=Strategy.clip, choices=CLIP_MODES,
+        help="norm clipping of each delta (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--clip-bound", type=float, default=None, metavar="X",
+        help="fixed: the L2 bound; median: the multiple of the round's median delta norm",
+    )  # fmt: skip
+    group.add_argument(
+        "--combine", default=Strategy.combine, choices=COMBINE_RULES,
+        help="how the deltas are combined (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--trim", type=float, default=Strategy.trim, metavar="FRACTION",
+        help="trimmed-mean: fraction dropped at each end per coordinate (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-token-ratio", type=float, default=None, metavar="RATIO",
+        help="count no claim above RATIO x the plan's innerSteps x batchSize x seqLen",
+    )  # fmt: skip
+
+
+def robust_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The Strategy fields of the flags `add_robust_arguments` adds."""
+    return {
+        "clip": args.clip,
+        "clip_bound": args.clip_bound,
+        "combine": args.combine,
+        "trim": args.trim,
+        "max_token_ratio": args.max_token_ratio,
+    }
 
 
 def _finite(value: float) -> bool:

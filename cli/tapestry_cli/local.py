@@ -40,7 +40,7 @@ POLL = timedelta(seconds=1)
 
 
 def add_parser(sub: Any) -> None:
-    from tapestry_aggregator.strategy import OPTIMIZERS, Strategy
+    from tapestry_aggregator.strategy import OPTIMIZERS, Strategy, add_robust_arguments
     from tapestry_protocol.shards import ENCODINGS
     from tapestry_trainer.specs import add_inner_arguments, add_preset_argument
 
@@ -63,6 +63,7 @@ def add_parser(sub: Any) -> None:
         help="outer optimizer (default: %(default)s)",
     )
     run.add_argument("--outer-lr", type=float, default=None, help="default per optimizer")
+    add_robust_arguments(run)
     run.add_argument(
         "--encoding",
         default="fp32",
@@ -182,7 +183,7 @@ class Federation:
     """The coordinator's side of a local run: plans, processes, aggregation, report."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path, people: list[Participant]):
-        from tapestry_aggregator.strategy import Strategy
+        from tapestry_aggregator.strategy import Strategy, robust_from_args
         from tapestry_protocol.layout import Layout
         from tapestry_trainer.specs import ModelSpec, SpecError, inner_config_from_args
 
@@ -195,7 +196,12 @@ class Federation:
             self.config = inner_config_from_args(args)
         except SpecError as e:
             raise LocalRunError(f"bad training settings: {e}") from None
-        self.strategy = Strategy(args.optimizer, learning_rate=args.outer_lr)
+        try:
+            self.strategy = Strategy(
+                args.optimizer, learning_rate=args.outer_lr, **robust_from_args(args)
+            )
+        except ValueError as e:
+            raise LocalRunError(f"bad aggregation settings: {e}") from None
         self.store_url = args.store or str(workdir / "store")
         self.threads = max(1, (os.cpu_count() or 1) // (len(people) * args.nproc_per_participant))
 

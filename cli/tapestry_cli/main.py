@@ -302,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--federation", required=True, type=federation_name)
     agg.add_argument("--round", type=round_number, required=True)
     agg.add_argument("--key", type=Path, required=True, help="coordinator signing key file or dir")
-    from tapestry_aggregator.strategy import OPTIMIZERS, WEIGHTINGS, Strategy
+    from tapestry_aggregator.strategy import (
+        OPTIMIZERS,
+        WEIGHTINGS,
+        Strategy,
+        add_robust_arguments,
+    )
 
     agg.add_argument(
         "--optimizer",
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how updates are weighted (default: %(default)s)",
     )
     agg.add_argument("--max-share", type=float, default=None)
+    add_robust_arguments(agg)
     agg.add_argument(
         "--strategy",
         default=None,
@@ -454,7 +460,7 @@ def _aggregate(args: argparse.Namespace) -> int:
     import tapestry_telemetry as telemetry
     from tapestry_aggregator.memory import keep_freed_memory
     from tapestry_aggregator.merge import aggregate_round
-    from tapestry_aggregator.strategy import Strategy
+    from tapestry_aggregator.strategy import Strategy, robust_from_args
     from tapestry_protocol import pod, rejections
     from tapestry_protocol.documents import CloseTrigger, Outcome
     from tapestry_protocol.exchange import COORDINATOR, close_round, read_plan
@@ -473,6 +479,7 @@ def _aggregate(args: argparse.Namespace) -> int:
                 learning_rate=args.learning_rate,
                 weighting=args.weighting,
                 max_share=args.max_share,
+                **robust_from_args(args),
             )
         layout = Layout(args.federation)
     except (ValueError, TypeError) as e:

@@ -99,6 +99,22 @@ class StoreSpec:
         return self.url(ca_file=ca, credentials_dir=pod.STORE_CREDENTIALS_MOUNT)
 
 
+def robust_policy(aggregation: Mapping[str, Any]) -> dict[str, Any]:
+    """The Strategy fields of spec.aggregation's robust policies (clipping, combine,
+    maxTokenRatio, validation.margin); the CRD's defaults are the Strategy's."""
+    clipping = aggregation.get("clipping", {})
+    combine = aggregation.get("combine", {})
+    validation = aggregation.get("validation")
+    return {
+        "clip": clipping.get("mode", Strategy.clip),
+        "clip_bound": clipping.get("bound"),
+        "combine": combine.get("rule", Strategy.combine),
+        "trim": combine.get("trim", Strategy.trim),
+        "max_token_ratio": aggregation.get("maxTokenRatio"),
+        "validation_margin": None if validation is None else validation["margin"],
+    }
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """A Federation's spec: the coordinator's view of the consortium."""
@@ -145,6 +161,7 @@ class FederationConfig:
             tau=agg["tau"],
             weighting=agg["weighting"],
             max_share=agg.get("maxShare"),
+            **robust_policy(agg),
         )
         return cls(
             name=meta["name"],

@@ -240,6 +240,9 @@ def round_fields(view: RoundView, phase: RoundPhase) -> dict[str, Any]:
             loss = c.metrics.get("trainLoss")
             if isinstance(loss, int | float):
                 row["trainLoss"] = float(loss)
+            if c.adjustments:  # what the robust policies did; the result has the figures
+                row["adjustments"] = [a.reason for a in c.adjustments]
+                row["message"] = "; ".join(a.message for a in c.adjustments)[:1024]
         elif name in refusals:
             row.update(reason=refusals[name].reason, message=refusals[name].message[:1024])
         elif name in excluded:

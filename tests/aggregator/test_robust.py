@@ -527,3 +527,49 @@ class _ExactReads(FilesystemStore):
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
         data = super().get(key, offset=offset)
         return data if length is None else data[:length]
+
+
+# --- the Federation's spec and the round's status ----------------------------------------
+
+
+def test_the_federation_spec_maps_to_the_strategy() -> None:
+    from tapestry_operator.config import FederationConfig
+    from tests.operator import crd_defaults
+
+    body = crd_defaults.federation(
+        aggregation={
+            "optimizer": "fedavg", "clipping": {"mode": "median", "bound": 3.0},
+            "combine": {"rule": "trimmed-mean", "trim": 0.25}, "maxTokenRatio": 2.0,
+            "validation": {"margin": 0.05, "data": {"claimName": "held-out"}},
+        }
+    )  # fmt: skip
+    strategy = FederationConfig.from_body(body).strategy
+    assert strategy == Strategy(
+        "fedavg", clip="median", clip_bound=3.0, combine="trimmed-mean", trim=0.25,
+        max_token_ratio=2.0, validation_margin=0.05,
+    )  # fmt: skip
+    defaulted = FederationConfig.from_body(crd_defaults.federation(aggregation={}))
+    assert defaulted.strategy == Strategy()  # the schema's defaults leave the mean alone
+
+
+def test_the_round_status_shows_each_merged_members_adjustments(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from tapestry_lifecycle.coordinator import RoundView
+    from tapestry_lifecycle.states import RoundPhase
+    from tapestry_operator.coordinator import round_fields
+
+    fed = _fed(tmp_path, 3)
+    deltas = _honest(fed, 3)
+    deltas["p2"] = _scaled(deltas["p2"], 100.0)
+    _publish_all(fed, deltas, {"p2": 50 * BUDGET})
+    close = fed.close()
+    result = aggregate_round(
+        fed.store, fed.layout, 0, fed.coordinator,
+        _fedavg(clip="median", clip_bound=2.0, max_token_ratio=2.0),
+    )  # fmt: skip
+    view = RoundView(datetime.now(UTC), fed.plan, {}, frozenset(deltas), close, result)
+    rows = {row["name"]: row for row in round_fields(view, RoundPhase.SUCCEEDED)["members"]}
+    assert rows["p2"]["adjustments"] == [rejections.TOKENS_CAPPED, rejections.CLIPPED]
+    assert "counted 64" in rows["p2"]["message"] and "scaled by" in rows["p2"]["message"]
+    assert "adjustments" not in rows["p0"] and "adjustments" not in rows["p1"]

@@ -149,6 +149,8 @@ def test_minimal_objects_are_accepted_with_their_defaults(kube: Kube, crds: None
         "beta2": 0.99,
         "tau": 0.001,
         "weighting": "tokens",
+        "clipping": {"mode": "none"},
+        "combine": {"rule": "mean", "trim": 0.1},
     }
     assert spec["roundDefaults"] == {
         "innerSteps": 40,
@@ -306,6 +308,63 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         ["spec.aggregation.maxShare", "should be greater than 0"],
     ),
     (
+        "clipping-without-bound",
+        federation,
+        _set("aggregation", {"clipping": {"mode": "median"}}),
+        ["spec.aggregation.clipping", "clipping.bound is required when clipping.mode is fixed"],
+    ),
+    (
+        "clipping-bound-without-mode",
+        federation,
+        _set("aggregation", {"clipping": {"bound": 2.0}}),
+        ["spec.aggregation.clipping", "clipping.bound is set but clipping.mode is none"],
+    ),
+    (
+        "unknown-clipping-mode",
+        federation,
+        _set("aggregation", {"clipping": {"mode": "l2", "bound": 1.0}}),
+        ["spec.aggregation.clipping.mode", 'Unsupported value: "l2"'],
+    ),
+    (
+        "clipping-bound-zero",
+        federation,
+        _set("aggregation", {"clipping": {"mode": "fixed", "bound": 0}}),
+        ["spec.aggregation.clipping.bound", "should be greater than 0"],
+    ),
+    (
+        "unknown-combine-rule",
+        federation,
+        _set("aggregation", {"combine": {"rule": "mode"}}),
+        ["spec.aggregation.combine.rule", 'Unsupported value: "mode"'],
+    ),
+    (
+        "trim-half",
+        federation,
+        _set("aggregation", {"combine": {"rule": "trimmed-mean", "trim": 0.5}}),
+        ["spec.aggregation.combine.trim", "should be less than 0.5"],
+    ),
+    (
+        "token-ratio-below-one",
+        federation,
+        _set("aggregation", {"maxTokenRatio": 0.5}),
+        ["spec.aggregation.maxTokenRatio", "should be greater than or equal to 1"],
+    ),
+    (
+        "validation-without-data",
+        federation,
+        _set("aggregation", {"validation": {"margin": 0.1}}),
+        ["spec.aggregation.validation.data", "Required value"],
+    ),
+    (
+        "validation-data-path-absolute",
+        federation,
+        _set(
+            "aggregation",
+            {"validation": {"margin": 0.1, "data": {"claimName": "held", "path": "/etc"}}},
+        ),
+        ["spec.aggregation.validation.data.path", "must be relative"],
+    ),
+    (
         "default-deadline-above-maximum",
         federation,
         _set("roundDefaults", {"deadline": "721h"}),
@@ -400,36 +459,6 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         participant,
         _set("compute", {"shmSize": "lots"}),
         ["spec.compute.shmSize", "should match"],
-    ),
-    (
-        "privacy-zero-noise",
-        participant,
-        _set("privacy", {"noiseMultiplier": 0, "clipNorm": 1.0}),
-        ["spec.privacy.noiseMultiplier", "should be greater than 0"],
-    ),
-    (
-        "privacy-negative-clip-norm",
-        participant,
-        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": -1.0}),
-        ["spec.privacy.clipNorm", "should be greater than 0"],
-    ),
-    (
-        "privacy-without-clip-norm",
-        participant,
-        _set("privacy", {"noiseMultiplier": 1.0}),
-        ["spec.privacy.clipNorm", "Required value"],
-    ),
-    (
-        "privacy-delta-too-large",
-        participant,
-        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": 1.0, "delta": 0.5}),
-        ["spec.privacy.delta", "should be less than or equal to 0.1"],
-    ),
-    (
-        "privacy-delta-zero",
-        participant,
-        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": 1.0, "delta": 0}),
-        ["spec.privacy.delta", "should be greater than 0"],
     ),
 ]
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tapestry_aggregator.strategy import OPTIMIZERS, WEIGHTINGS, Strategy
+from tapestry_aggregator.strategy import (
+    CLIP_MODES,
+    COMBINE_RULES,
+    OPTIMIZERS,
+    WEIGHTINGS,
+    Strategy,
+)
+from tapestry_protocol import rejections
 from tapestry_protocol.shards import ENCODINGS
 from tapestry_trainer.specs import (
     DEFAULT_PRESET,
@@ -60,7 +67,11 @@ def _tapestry() -> argparse.ArgumentParser:
     [
         (("aggregate",), "--optimizer", OPTIMIZERS, Strategy.optimizer),
         (("aggregate",), "--weighting", WEIGHTINGS, Strategy.weighting),
+        (("aggregate",), "--clip", CLIP_MODES, Strategy.clip),
+        (("aggregate",), "--combine", COMBINE_RULES, Strategy.combine),
         (("local", "run"), "--optimizer", OPTIMIZERS, Strategy.optimizer),
+        (("local", "run"), "--clip", CLIP_MODES, Strategy.clip),
+        (("local", "run"), "--combine", COMBINE_RULES, Strategy.combine),
         (("local", "run"), "--encoding", ENCODINGS, "fp32"),
         (("local", "run"), "--preset", tuple(PRESETS), DEFAULT_PRESET),
     ],
@@ -75,6 +86,32 @@ def test_cli_choices_are_the_definitions(
 
 def test_strategy_defaults_are_valid_choices() -> None:
     assert Strategy.optimizer in OPTIMIZERS and Strategy.weighting in WEIGHTINGS
+    assert Strategy.clip in CLIP_MODES and Strategy.combine in COMBINE_RULES
+
+
+def _crd_node(kind: str, path: str) -> dict[str, Any]:
+    """The schema node at a dotted `path` (`[]` for list items) of `kind`'s CRD."""
+    from tests.operator.crd_defaults import schema
+
+    node = schema(kind)
+    for part in path.split("."):
+        node = node["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            node = node["items"]
+    return node
+
+
+def test_robust_aggregation_choices_are_the_crd_enums() -> None:
+    clipping = _crd_node("Federation", "spec.aggregation.clipping.mode")
+    assert clipping["enum"] == list(CLIP_MODES) and clipping["default"] == Strategy.clip
+    rule = _crd_node("Federation", "spec.aggregation.combine.rule")
+    assert rule["enum"] == list(COMBINE_RULES) and rule["default"] == Strategy.combine
+    trim = _crd_node("Federation", "spec.aggregation.combine.trim")
+    assert trim["default"] == Strategy.trim
+    assert (trim["minimum"], trim["maximum"], trim["exclusiveMaximum"]) == (0, 0.5, True)
+    assert _crd_node("Federation", "spec.aggregation.maxTokenRatio")["minimum"] == 1
+    adjustments = _crd_node("FederationRound", "status.members[].adjustments")["items"]
+    assert adjustments["enum"] == sorted(rejections.ADJUSTMENTS)
 
 
 def _standalone() -> argparse.ArgumentParser:
