@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +83,14 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     run.add_argument("--fresh", action="store_true", help="delete WORKDIR first")
     run.add_argument("--no-baseline", action="store_true", help="skip local-only models")
+    run.add_argument(
+        "--validation-margin",
+        type=float,
+        default=None,
+        metavar="NATS",
+        help="the validation floor: refuse an update whose model's loss on the coordinator's "
+        "held-out set (every participant's held-out split, pooled) exceeds the base's by more",
+    )
     dp = run.add_argument_group(
         "differential privacy",
         "each participant clips its whole delta and adds Gaussian noise before upload "
@@ -175,6 +183,18 @@ def failure_reason(log: str, limit: int = 600) -> str:
     return " | ".join(lines[-5:])[-limit:]
 
 
+HELD_OUT = 0.1  # the fraction of each participant's data held out for evaluation
+
+
+def pooled_held_out(texts: list[Path], out: Path) -> Path:
+    """The coordinator's held-out set of a local run: every participant's held-out split,
+    pooled. The split hashes file names and block numbers, so the pooled set holds out the
+    very blocks each participant holds out, and none of it is anyone's training data."""
+    from tapestry_trainer.data import prepare_shards
+
+    return prepare_shards(texts, out, val_fraction=HELD_OUT).parent
+
+
 class LocalRunError(Exception):
     """The local federation cannot go on; the message says why."""
 
@@ -202,6 +222,12 @@ class Federation:
             )
         except ValueError as e:
             raise LocalRunError(f"bad aggregation settings: {e}") from None
+        if args.validation_margin is not None:
+            try:
+                self.strategy = replace(self.strategy, validation_margin=args.validation_margin)
+            except ValueError as e:
+                raise LocalRunError(f"--validation-margin: {e}") from None
+        self.validation = workdir / "validation"  # the coordinator's held-out set
         self.store_url = args.store or str(workdir / "store")
         self.threads = max(1, (os.cpu_count() or 1) // (len(people) * args.nproc_per_participant))
 
@@ -226,7 +252,9 @@ class Federation:
         with console.status("tokenizing each participant's data"):
             for p in self.people:
                 p.data = self.workdir / "data" / p.name
-                prepare_shards([p.text], p.data, val_fraction=0.1)
+                prepare_shards([p.text], p.data, val_fraction=HELD_OUT)
+            if self.strategy.validation_margin is not None:
+                pooled_held_out([p.text for p in self.people], self.validation)
 
     def _open_store(self) -> Any:
         from tapestry_protocol.store import StoreError, open_store
@@ -314,7 +342,7 @@ class Federation:
 
                     aggregate_round(
                         store, self.layout, round_number, coordinator, self.strategy,
-                        progress=merged,
+                        progress=merged, scorer=self._scorer(view.plan),
                     )  # fmt: skip
                 elif step.action in (Action.DONE, Action.STALLED):
                     assert view.result is not None and view.plan is not None
@@ -338,6 +366,16 @@ class Federation:
         )
         with tracing.phase(SpanName.ROUND_CLOSE, rounds.round_context(plan), attributes):
             close_round(store, self.layout, plan, coordinator, trigger, now)
+
+    def _scorer(self, plan: Any) -> Any:
+        """The held-out scorer of the round's plan, when the validation floor is on."""
+        if self.strategy.validation_margin is None:
+            return None
+        if plan is None:
+            raise LocalRunError("the round to aggregate has no plan to score its updates by")
+        from tapestry_trainer.scoring import plan_scorer
+
+        return plan_scorer(plan.document, self.validation)
 
     # -- the participants' side ---------------------------------------------------------
 

@@ -28,6 +28,9 @@ from rich.text import Text
 from tapestry_cli.errors import RefusedInput, UsageError
 
 if TYPE_CHECKING:
+    from tapestry_aggregator.strategy import Strategy
+    from tapestry_aggregator.validation import Scorer
+    from tapestry_protocol.layout import Layout
     from tapestry_protocol.store import ObjectStore
 
 console = Console(stderr=True)
@@ -335,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="close the round first if it is not closed: the updates committed so far are in",
     )
+    _add_validation_arguments(agg)
     agg.set_defaults(run=_aggregate)
     return parser
 
@@ -461,6 +465,7 @@ def _aggregate(args: argparse.Namespace) -> int:
     from tapestry_aggregator.memory import keep_freed_memory
     from tapestry_aggregator.merge import aggregate_round
     from tapestry_aggregator.strategy import Strategy, robust_from_args
+    from tapestry_aggregator.validation import ValidationError
     from tapestry_protocol import pod, rejections
     from tapestry_protocol.documents import CloseTrigger, Outcome
     from tapestry_protocol.exchange import COORDINATOR, close_round, read_plan
@@ -481,6 +486,7 @@ def _aggregate(args: argparse.Namespace) -> int:
                 max_share=args.max_share,
                 **robust_from_args(args),
             )
+        strategy = _with_validation_margin(args, strategy)
         layout = Layout(args.federation)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
@@ -494,15 +500,18 @@ def _aggregate(args: argparse.Namespace) -> int:
             if args.close:
                 plan = read_plan(store, layout, args.round, signer.public_key_text)
                 close_round(store, layout, plan, signer, CloseTrigger.MANUAL, datetime.now(UTC))
+            scorer = _validation_scorer(args, strategy, store, layout, signer.public_key_text)
             result = aggregate_round(
                 store, layout, args.round, signer, strategy,
-                traceparent=os.environ.get(pod.TRACEPARENT),
+                traceparent=os.environ.get(pod.TRACEPARENT), scorer=scorer,
             )  # fmt: skip
     except Rejected as e:
         hint = ""
         if e.reason == rejections.NOT_CLOSED:
             hint = " (--close closes it now, with the updates committed so far)"
         raise UsageError(f"round {args.round} cannot be aggregated: {e}{hint}") from None
+    except ValidationError as e:
+        raise UsageError(f"round {args.round} cannot be validated: {e}") from None
     doc = result.document
     console.print(
         {
@@ -518,6 +527,88 @@ def _aggregate(args: argparse.Namespace) -> int:
         where = f"round {args.round} of federation {args.federation}"
         raise RefusedInput(f"{where} {doc.outcome}: {doc.message}")
     return EXIT_OK
+
+
+def _add_validation_arguments(agg: argparse.ArgumentParser) -> None:
+    """The validation floor's flags: the coordinator's held-out set scores each update."""
+    agg.add_argument(
+        "--validation-margin",
+        type=float,
+        default=None,
+        metavar="NATS",
+        help="refuse an update whose model's held-out loss exceeds the base's by more than "
+        "this (needs --validation-data; overrides the --strategy JSON's validation_margin)",
+    )
+    agg.add_argument(
+        "--validation-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the coordinator's held-out set: a shard set (its validation split is scored), "
+        "or the data of --validation-loader; needs torch (the trainer image)",
+    )
+    agg.add_argument(
+        "--validation-loader",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="a plug-in loader factory for --validation-data (default: the shard set loader)",
+    )
+    agg.add_argument(
+        "--validation-loader-options",
+        default=None,
+        metavar="JSON",
+        help="options handed to --validation-loader as ctx.options",
+    )
+
+
+def _with_validation_margin(args: argparse.Namespace, strategy: Strategy) -> Strategy:
+    """The strategy with --validation-margin, if given (the Strategy checks the value)."""
+    import dataclasses
+
+    if args.validation_margin is None:
+        return strategy
+    return dataclasses.replace(strategy, validation_margin=args.validation_margin)
+
+
+def _validation_scorer(
+    args: argparse.Namespace, strategy: Strategy, store: ObjectStore, layout: Layout, key: str
+) -> Scorer | None:
+    """The round's held-out scorer when the strategy sets a margin (else None), built from
+    the plan's model spec; torch is imported only here, so the command without a margin
+    runs in the operator image."""
+    from tapestry_protocol.exchange import read_plan
+
+    if strategy.validation_margin is None:
+        if args.validation_data is not None:
+            raise UsageError(
+                "--validation-data is used only with a validation margin "
+                "(--validation-margin, or validation_margin in --strategy)"
+            )
+        return None
+    if args.validation_data is None:
+        raise UsageError(
+            "a validation margin needs the coordinator's held-out set: give --validation-data DIR"
+        )
+    try:
+        options = json.loads(args.validation_loader_options or "{}")
+    except ValueError as e:
+        raise UsageError(f"--validation-loader-options is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise UsageError("--validation-loader-options must be a JSON object")
+    try:
+        from tapestry_trainer.scoring import ScoringError, plan_scorer
+    except ImportError as e:
+        raise UsageError(
+            f"--validation-data needs the trainer's torch ({e}); run the aggregator in the "
+            "trainer image, or install tapestry[trainer]"
+        ) from None
+    plan = read_plan(store, layout, args.round, key).document
+    try:
+        return plan_scorer(
+            plan, args.validation_data, loader=args.validation_loader, loader_options=options
+        )
+    except ScoringError as e:
+        raise UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
