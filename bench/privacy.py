@@ -1,0 +1,145 @@
+"""Benchmark: what participant-level differential privacy costs the demo task.
+
+The same `tapestry local run` (same data, model, seed and rounds) at several noise
+multipliers: first without privacy, whose median update norm (from the coordinator's
+signed results) becomes the clip norm of the private runs, so the clip itself costs
+little and the noise is what is measured; then each noise level. For each it reports the
+shared model's validation loss pooled over every participant's held-out data, and the
+cumulative epsilon at delta that the participants' signed manifests state.
+
+Usage: python bench/privacy.py --out bench/results/privacy.json [--quick] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = {"participants": 3, "rounds": 6, "inner_steps": 20, "batch_size": 8, "seq_len": 128}
+QUICK = {"participants": 2, "rounds": 2, "inner_steps": 2, "batch_size": 2, "seq_len": 32}
+LEVELS = (0.3, 1.0, 3.0)
+QUICK_LEVELS = (1.0,)
+DELTA = 1e-5
+
+
+def _run(size: dict[str, int], workdir: Path, data: Path | None, dp: list[str]) -> dict[str, Any]:
+    """One local federation from scratch; its summary.json."""
+    command = [
+        sys.executable, "-m", "tapestry_cli", "local", "run", "--fresh", "--no-baseline",
+        "--participants", str(size["participants"]), "--rounds", str(size["rounds"]),
+        "--preset", "tiny", "--inner-steps", str(size["inner_steps"]),
+        "--batch-size", str(size["batch_size"]), "--seq-len", str(size["seq_len"]),
+        "--workdir", str(workdir), *dp,
+    ]  # fmt: skip
+    if data is not None:
+        command += ["--data", str(data)]
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"local run failed ({' '.join(dp) or 'no privacy'}):\n{done.stdout}")
+    summary: dict[str, Any] = json.loads((workdir / "summary.json").read_text())
+    return summary
+
+
+def _update_norms(workdir: Path, rounds: int) -> list[float]:
+    """Every merged update's L2 norm, as the coordinator's results record it."""
+    from tapestry_protocol.documents import RoundResult
+    from tapestry_protocol.exchange import read_document
+    from tapestry_protocol.layout import Layout
+    from tapestry_protocol.store import open_store
+
+    store = open_store(str(workdir / "store"))
+    layout = Layout("local")
+    norms = []
+    for r in range(rounds):
+        result, _, _ = read_document(store, layout.result(r), RoundResult)
+        norms += [a.delta_norm for a in result.accepted]
+    return norms
+
+
+def _pooled(summary: dict[str, Any]) -> float:
+    """The shared model's loss averaged over the participants' held-out sets."""
+    return float(summary["averages"]["shared (federated)"])
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    return done.stdout.strip() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="results JSON")
+    p.add_argument("--quick", action="store_true", help="2 participants x 2 rounds, one level")
+    p.add_argument("--data", type=Path, default=None, help="own text (default: demo corpus)")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-privacy")
+    p.add_argument("--levels", type=float, nargs="+", default=None, help="noise multipliers")
+    args = p.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    levels = args.levels or (QUICK_LEVELS if args.quick else LEVELS)
+    started = time.monotonic()
+
+    print(f"noise 0 (off): {size}", flush=True)
+    plain = _run(size, args.workdir / "off", args.data, [])
+    norms = _update_norms(args.workdir / "off", size["rounds"])
+    clip = float(statistics.median(norms))
+    rows: list[dict[str, Any]] = [
+        {"noiseMultiplier": 0.0, "clipNorm": None, "epsilon": None, "delta": None,
+         "rounds": size["rounds"], "validationLoss": _pooled(plain), "losses": plain["losses"]}
+    ]  # fmt: skip
+    for z in levels:
+        print(f"noise {z:g}, clip {clip:.4g}", flush=True)
+        dp = ["--dp-noise-multiplier", repr(z), "--dp-clip-norm", repr(clip),
+              "--dp-delta", repr(DELTA)]  # fmt: skip
+        summary = _run(size, args.workdir / f"noise-{z:g}", args.data, dp)
+        guarantees = summary["privacy"].values()
+        rows.append({
+            "noiseMultiplier": z,
+            "clipNorm": clip,
+            "epsilon": max(g["epsilon"] for g in guarantees),
+            "delta": DELTA,
+            "rounds": max(g["rounds"] for g in guarantees),
+            "validationLoss": _pooled(summary),
+            "losses": summary["losses"],
+        })  # fmt: skip
+    report = {
+        "benchmark": "privacy",
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "commit": _commit(),
+        "command": "python bench/privacy.py " + " ".join(argv or sys.argv[1:]),
+        "task": {
+            **size,
+            "preset": "tiny",
+            "data": str(args.data or "demo corpus"),
+            "optimizer": "default of tapestry local run",
+        },
+        "updateNorms": {"median": clip, "min": min(norms), "max": max(norms)},
+        "levels": rows,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for row in rows:
+        eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+        print(f"noise {row['noiseMultiplier']:g}: loss {row['validationLoss']:.4f}, epsilon {eps}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
