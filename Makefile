@@ -50,6 +50,7 @@ operator: setup
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
+	$(PY) bench/privacy.py --out bench/results/privacy.json
 
 ## dashboards: regenerate the Grafana dashboards; draw docs/images/dashboard-*.png from a demo
 .PHONY: dashboards
