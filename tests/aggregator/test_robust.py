@@ -573,3 +573,36 @@ def test_the_round_status_shows_each_merged_members_adjustments(tmp_path: Path) 
     assert rows["p2"]["adjustments"] == [rejections.TOKENS_CAPPED, rejections.CLIPPED]
     assert "counted 64" in rows["p2"]["message"] and "scaled by" in rows["p2"]["message"]
     assert "adjustments" not in rows["p0"] and "adjustments" not in rows["p1"]
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def test_tapestry_aggregate_takes_the_policy_flags(tmp_path: Path) -> None:
+    from tapestry_protocol.exchange import read_result
+    from tests.cli.conftest import assert_error, tapestry
+
+    store = FilesystemStore(tmp_path / "store", create=True)
+    fed = make_federation(store, "f", participants=("alice", "bob", "carol"))
+    for i, who in enumerate(("alice", "bob", "carol")):
+        delta = fed.delta(seed=i) if who != "carol" else _scaled(fed.delta(seed=2), 100.0)
+        fed.publish(who, delta, tokens=BUDGET if who != "bob" else 100 * BUDGET)
+    fed.coordinator.save(tmp_path / "keys")
+    args = ["aggregate", "--store", "store", "--federation", "f", "--round", "0"]
+    args += ["--key", "keys/coordinator.key", "--close"]
+    bad = tapestry(*args, "--clip", "fixed", cwd=tmp_path)
+    assert_error(bad, "error: clip 'fixed' needs a positive, finite clip_bound, got None")
+    bad = tapestry(*args, "--combine", "trimmed-mean", "--trim", "0.5", cwd=tmp_path)
+    assert_error(bad, "error: trim must be in [0, 0.5), got 0.5")
+    done = tapestry(
+        *args, "--clip", "median", "--clip-bound", "1.5", "--combine", "median",
+        "--max-token-ratio", "2", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = read_result(store, fed.layout, 0, fed.coordinator.public_key_text).document
+    assert Strategy.from_json(result.strategy) == Strategy(
+        clip="median", clip_bound=1.5, combine="median", max_token_ratio=2.0, learning_rate=0.7
+    )
+    by_name = {a.participant: a for a in result.accepted}
+    assert _reasons(by_name["carol"])[0] == rejections.CLIPPED
+    assert _reasons(by_name["bob"]) == [rejections.TOKENS_CAPPED]
