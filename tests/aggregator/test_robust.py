@@ -606,3 +606,48 @@ def test_tapestry_aggregate_takes_the_policy_flags(tmp_path: Path) -> None:
     by_name = {a.participant: a for a in result.accepted}
     assert _reasons(by_name["carol"])[0] == rejections.CLIPPED
     assert _reasons(by_name["bob"]) == [rejections.TOKENS_CAPPED]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_killed_at_every_write_the_rerun_writes_the_same_bytes(tmp_path: Path) -> None:
+    """The robust merge (token cap, median clipping, trimmed mean, an update refused
+    mid-stream so the merge restarts) killed before each of its writes, then re-run:
+    every stored byte equals the uninterrupted run's."""
+    import shutil
+
+    from tests.aggregator.test_crash_safety import Crash, Fault, FaultyStore
+
+    fed = _fed(tmp_path, 5)
+    deltas = _honest(fed, 5)
+    deltas["p3"] = _scaled(deltas["p3"], 100.0)
+    last = list(deltas["p4"])[-1]
+    deltas["p4"][last] = deltas["p4"][last].copy()
+    deltas["p4"][last].flat[-1] = np.nan  # refused in the norm pass, in its last shard
+    _publish_all(fed, deltas, {"p2": 10 * BUDGET})
+    fed.close()
+    assert isinstance(fed.store, FilesystemStore)
+    start = tmp_path / "start"
+    shutil.copytree(fed.store.root, start)
+    strategy = Strategy(
+        "diloco", clip="median", clip_bound=2.0, combine="trimmed-mean", trim=0.25,
+        max_token_ratio=2.0,
+    )  # fmt: skip
+    counting = FaultyStore(fed.store)
+    aggregate_round(counting, fed.layout, 0, fed.coordinator, strategy)
+    reference = _files(fed.store.root)
+    assert counting.writes >= 6  # base and state shards, manifests, the result
+    for k in range(counting.writes):
+        shutil.rmtree(fed.store.root)
+        shutil.copytree(start, fed.store.root)
+        store = FilesystemStore(fed.store.root)
+        with pytest.raises(Crash):
+            aggregate_round(
+                FaultyStore(store, Fault.KILL_BEFORE, k), fed.layout, 0, fed.coordinator, strategy
+            )
+        aggregate_round(store, fed.layout, 0, fed.coordinator, strategy)
+        assert _files(fed.store.root) == reference, k
