@@ -148,6 +148,15 @@ def _signing_volume(ref: SecretRef) -> tuple[Obj, Obj]:
     )
 
 
+def _data_volume(claim: str, path: str) -> tuple[Obj, Obj]:
+    """A data PVC, read-only at the data mount (`path` inside it, if any)."""
+    mount: Obj = {"name": "data", "mountPath": pod.DATA_MOUNT, "readOnly": True}
+    if path.strip("/"):
+        mount["subPath"] = path.strip("/")
+    volume = {"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    return volume, mount
+
+
 def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in values.items()]
 
@@ -222,15 +231,13 @@ def build_training_job(
         job_labels[api.KUEUE_QUEUE_LABEL] = config.kueue_queue
     volumes, mounts = _store_volumes(config)
     key_volume, key_mount = _signing_volume(config.signing_key)
+    data_volume, data_mount = _data_volume(config.pvc, config.data_path)
     volumes += [
         key_volume,
-        {"name": "data", "persistentVolumeClaim": {"claimName": config.pvc, "readOnly": True}},
+        data_volume,
         {"name": "work", "emptyDir": {}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
     ]
-    data_mount: Obj = {"name": "data", "mountPath": pod.DATA_MOUNT, "readOnly": True}
-    if config.data_path.strip("/"):
-        data_mount["subPath"] = config.data_path.strip("/")
     mounts += [
         key_mount,
         data_mount,
@@ -344,13 +351,18 @@ def _coordinator_job(
     command: list[str],
     job_labels: dict[str, str],
     traceparent: str | None = None,
+    data: tuple[Obj, Obj] | None = None,
 ) -> Obj:
     """A Job in the coordinator's namespace that signs as the coordinator: its key and
-    the store's credentials mounted as files, scratch in the work mount."""
+    the store's credentials mounted as files, scratch in the work mount, and `data`
+    (a volume and its mount), if any."""
     volumes, mounts = _store_volumes(config)
     key_volume, key_mount = _signing_volume(config.signing_key)
     volumes += [key_volume, {"name": "work", "emptyDir": {}}]
     mounts += [key_mount, {"name": "work", "mountPath": pod.WORK_MOUNT}]
+    if data is not None:
+        volumes.append(data[0])
+        mounts.append(data[1])
     scratch = {"PYTHONUNBUFFERED": "1", "HOME": pod.WORK_MOUNT, "TMPDIR": pod.WORK_MOUNT}
     container: Obj = {
         "name": component,
@@ -388,7 +400,11 @@ def build_aggregator_job(
 ) -> Obj:
     """The Job that merges a closed round (operator image, no torch); re-running it is
     safe: the merge of a closed round is deterministic and write-once. `traceparent`:
-    the round's trace context, which the aggregator's span continues."""
+    the round's trace context, which the aggregator's span continues.
+
+    With the validation floor (`spec.aggregation.validation`) it runs in the trainer
+    image instead (scoring a model needs torch), with the held-out set's PVC mounted
+    read-only at the data mount."""
     command = [
         "tapestry", "aggregate",
         "--store", federation.store.pod_url(),
@@ -397,11 +413,17 @@ def build_aggregator_job(
         "--key", pod.SIGNING_KEY_DIR,
         "--strategy", json.dumps(federation.strategy.to_json(), sort_keys=True),
     ]  # fmt: skip
+    image, data = federation.aggregator_image, None
+    held_out = federation.validation_data
+    if held_out is not None and federation.strategy.validation_margin is not None:
+        image = federation.trainer_image
+        data = _data_volume(held_out.claim_name, held_out.path)
+        command += ["--validation-data", pod.DATA_MOUNT]
     return _coordinator_job(
         federation, owner, aggregator_job_name(federation.name, round_config.round),
-        AGGREGATOR, federation.aggregator_image, command,
+        AGGREGATOR, image, command,
         labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)}),
-        traceparent,
+        traceparent, data,
     )  # fmt: skip
 
 

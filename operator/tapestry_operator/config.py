@@ -116,6 +116,21 @@ def robust_policy(aggregation: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class HeldOutData:
+    """`spec.aggregation.validation.data`: the coordinator's held-out set on a PVC."""
+
+    claim_name: str
+    path: str
+
+    @classmethod
+    def from_spec(cls, validation: Mapping[str, Any] | None) -> HeldOutData | None:
+        if validation is None:
+            return None
+        data = validation["data"]
+        return cls(data["claimName"], data.get("path", ""))
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """A Federation's spec: the coordinator's view of the consortium."""
 
@@ -139,6 +154,7 @@ class FederationConfig:
     auto_rounds: bool
     max_rounds: int | None
     generation: int = 0
+    validation_data: HeldOutData | None = None  # the validation floor's held-out set
 
     @property
     def layout(self) -> Layout:
@@ -184,6 +200,7 @@ class FederationConfig:
             auto_rounds=auto["enabled"],
             max_rounds=auto.get("maxRounds"),
             generation=meta.get("generation", 0),
+            validation_data=HeldOutData.from_spec(agg.get("validation")),
         )
 
 

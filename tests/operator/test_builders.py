@@ -588,6 +588,35 @@ def test_aggregator_without_a_service_account_uses_the_namespace_default() -> No
     assert container(job)["resources"] == federation.aggregator_resources
 
 
+def test_the_validation_floor_scores_in_the_trainer_image_on_the_held_out_pvc() -> None:
+    """spec.aggregation.validation: the aggregator runs in the trainer image (scoring
+    needs torch), mounts the held-out set's PVC read-only, and passes its mount point as
+    --validation-data with the margin in the strategy; without it, none of that."""
+    validation = {"margin": 0.05, "data": {"claimName": "held-out", "path": "/sets/pooled/"}}
+    body = crd_defaults.federation(aggregation={"optimizer": "fedavg", "validation": validation})
+    federation = FederationConfig.from_body(body)
+    round_body = crd_defaults.federation_round()
+    job = build_aggregator_job(federation, RoundConfig.from_body(round_body), round_body)
+    args = _aggregate_args(job)
+    assert Strategy.from_json(json.loads(args.strategy)).validation_margin == 0.05
+    assert args.validation_data == Path(pod.DATA_MOUNT)
+    assert container(job)["image"] == federation.trainer_image != federation.aggregator_image
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["data"]["persistentVolumeClaim"]
+    assert claim == {"claimName": "held-out", "readOnly": True}
+    (mount,) = [m for m in container(job)["volumeMounts"] if m["name"] == "data"]
+    assert mount == {
+        "name": "data", "mountPath": pod.DATA_MOUNT, "readOnly": True, "subPath": "sets/pooled",
+    }  # fmt: skip
+    _assert_restricted(job, "aggregator")
+
+    plain = FederationConfig.from_body(crd_defaults.federation())
+    job = build_aggregator_job(plain, RoundConfig.from_body(round_body), round_body)
+    assert _aggregate_args(job).validation_data is None
+    assert container(job)["image"] == plain.aggregator_image
+    assert "data" not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
 # --- the bootstrap Job -------------------------------------------------------------
 
 
