@@ -387,3 +387,34 @@ def test_the_local_runs_held_out_set_is_no_participants_training_data(tmp_path: 
     held_out = tokens(pooled, "validation")
     assert len(held_out) > 1000
     assert held_out == tokens(mine[0], "validation") + tokens(mine[1], "validation")
+
+
+@pytest.mark.torch
+def test_plug_in_models_and_loaders_are_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plug-in model (the example's LSTM) on batches drawn once from a plug-in loader:
+    the figure is the model's own mean loss on those batches, the same on every call."""
+    import torch
+
+    from tapestry_trainer import plugins
+    from tapestry_trainer.data import LoaderContext
+    from tapestry_trainer.inner import state_arrays
+    from tapestry_trainer.scoring import HeldOutScorer
+    from tests.trainer.conftest import write_text
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples/plugin"))
+    data = write_text(tmp_path / "text", 1, 100)
+    spec = ModelSpec.plugin("tapestry_example_plugin.models:build", {"dim": 8, "hidden": 16})
+    loader = "tapestry_example_plugin.data:make_loader"
+    scorer = HeldOutScorer(spec, data, seq_len=16, batch_size=4, loader=loader, batches=3)
+    model = plugins.build_model(spec).eval()
+    weights = state_arrays(model)
+    ctx = LoaderContext(str(data), 0, 1, 4, 16, seed=0, split="validation")
+    source = plugins.build_loader(ctx, loader)
+    with torch.no_grad():
+        expected = sum(float(model(*source.next_batch())) for _ in range(3)) / 3
+    assert scorer(weights) == pytest.approx(expected, rel=1e-6)
+    assert scorer(weights) == scorer(weights)
+    worse = {n: (v + 0.5).astype(np.float32) for n, v in weights.items()}
+    assert scorer(worse) > scorer(weights)
