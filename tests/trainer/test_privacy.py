@@ -409,3 +409,28 @@ def test_participant_status_shows_epsilon_per_round_and_latest(
         crd_defaults.participant("alice", federation="sign", compute={"resources": {}})
     )
     assert operator._privacy_row(round0.store, off, signer, view, {}) is None
+
+
+@pytest.mark.slow
+def test_the_privacy_benchmark_runs_quick(tmp_path: Path) -> None:
+    """bench/privacy.py --quick: a run without privacy and one with, each reporting its
+    pooled validation loss, the private one its epsilon as dp_accounting computes it."""
+    from tests.e2e.texts import write_corpora
+
+    data = write_corpora(tmp_path / "text")
+    out = tmp_path / "privacy.json"
+    command = [
+        sys.executable, str(ROOT / "bench" / "privacy.py"), "--quick", "--data", str(data),
+        "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    off, noised = report["levels"]
+    assert off["noiseMultiplier"] == 0 and off["epsilon"] is None
+    assert noised["noiseMultiplier"] == 1.0 and noised["rounds"] == 2
+    assert noised["clipNorm"] == report["updateNorms"]["median"] > 0
+    assert noised["epsilon"] == pytest.approx(_reference_epsilon([1.0, 1.0], 1e-5), rel=1e-9)
+    for row in (off, noised):
+        assert math.isfinite(row["validationLoss"]) and row["validationLoss"] > 0
+    assert {"date", "machine", "commit", "command"} <= set(report)
