@@ -48,12 +48,14 @@ class CertPair:
 class CertificateAuthority:
     """A self-signed CA that issues the control plane's and clients' certificates."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, common_name: str = "tapestry-test-ca") -> None:
+        """A second CA in another directory (and with another name) is one that no
+        client trusting the first accepts: the wrong-CA case."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._key = _key()
         now = dt.datetime.now(dt.UTC)
-        name = _name("tapestry-test-ca")
+        name = _name(common_name)
         self._cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -93,10 +95,15 @@ class CertificateAuthority:
         dns: tuple[str, ...] = (),
         server: bool = False,
         client: bool = False,
+        expired: bool = False,
     ) -> CertPair:
-        """Writes <name>.crt/<name>.key, a leaf for TLS serving and/or client auth."""
+        """Writes <name>.crt/<name>.key, a leaf for TLS serving and/or client auth.
+
+        `expired` makes one whose validity ended a day ago (it began a week before)."""
         key = _key()
         now = dt.datetime.now(dt.UTC)
+        if expired:
+            now -= _VALIDITY + dt.timedelta(days=1)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
         if client:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)

@@ -74,6 +74,7 @@ from .base import (
     validate_prefix,
 )
 from .retry import Retrier, RetryPolicy, T, log
+from .tls import tls_failure
 
 MiB = 1 << 20
 #: S3 limits: every part but the last is at least 5 MiB; at most 10,000 parts.
@@ -824,12 +825,9 @@ class S3Store(ObjectStore):
             return self._from_status(exc.status_code, "", str(exc), key, where)
         if isinstance(exc, InvalidResponseError):  # a non-XML answer, e.g. from a proxy
             return self._from_status(exc._code, "", "non-XML response", key, where)
-        if isinstance(exc, SSLError):
-            return StoreError(
-                f"TLS with {self.location.endpoint} failed for {where}: {exc} "
-                "(is ca_file the CA that signed the server certificate?)",
-                key,
-            )
+        if isinstance(exc, SSLError):  # final: a wrong CA, expiry or host name, named
+            ca_certs = self._http.connection_pool_kw.get("ca_certs")
+            return tls_failure(exc, self.location.endpoint, ca_certs, where, key)
         if isinstance(exc, (HTTPError, ConnectionError, TimeoutError)):
             return StoreUnavailable(f"{where}: {type(exc).__name__}: {exc}", key)
         return None
