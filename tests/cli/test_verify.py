@@ -27,10 +27,12 @@ def _verify(history: History, cwd: Path, *extra: str, store: Path | None = None)
 
 
 def _tampered(history: History, tmp_path: Path, key: str) -> Path:
+    """A copy of the store with one byte of `key` flipped: the last digit of the year it
+    was created, so that the JSON stays valid and only the signature can tell."""
     copy = tmp_path / "store"
     shutil.copytree(history.root, copy)
     data = bytearray((copy / key).read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[data.index(b'"createdAt":"') + len(b'"createdAt":"') + 3] ^= 0x01
     (copy / key).write_bytes(bytes(data))
     return copy
 
