@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"participants": 3, "rounds": 3, "inner_steps": 10, "batch_size": 8, "seq_len": 128}
 QUICK = {"participants": 2, "rounds": 2, "inner_steps": 2, "batch_size": 2, "seq_len": 32}
-LEVELS = (1.0, 3.0)
+LEVELS = (0.001, 0.01, 1.0)
 QUICK_LEVELS = (1.0,)
 DELTA = 1e-5
 
