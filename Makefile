@@ -46,10 +46,11 @@ kube-demo: setup testbin
 operator: setup
 	$(PY) -m tapestry_operator --role both --log-format text
 
-## bench: aggregation (streaming vs load-everything) and cluster start; results in bench/results/
+## bench: aggregation (streaming vs load-everything), cluster start, attacks x robust policies; results in bench/results/
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
+	$(PY) bench/robust.py --out bench/results/robust.json
 	$(PY) bench/privacy.py --out bench/results/privacy.json
 
 ## dashboards: regenerate the Grafana dashboards; draw docs/images/dashboard-*.png from a demo
