@@ -67,6 +67,20 @@ def _update_norms(workdir: Path, rounds: int) -> list[float]:
     return norms
 
 
+def _untrained(workdir: Path, size: dict[str, int], names: list[str]) -> float:
+    """The pooled loss of the round-0 model every run starts from (same spec and seed),
+    evaluated as the runner evaluates: what no training at all scores."""
+    from tapestry_trainer.baseline import evaluate_arrays, initial_arrays
+    from tapestry_trainer.specs import InnerConfig, ModelSpec
+
+    spec = ModelSpec.preset("tiny", seed=0)
+    config = InnerConfig(steps=size["inner_steps"], lr=3e-3, batch_size=size["batch_size"],
+                         seq_len=size["seq_len"])  # fmt: skip
+    data = [str(workdir / "data" / name) for name in names]
+    losses = evaluate_arrays(spec, initial_arrays(spec), data, config)
+    return sum(losses) / len(losses)
+
+
 def _pooled(summary: dict[str, Any]) -> float:
     """The shared model's loss averaged over the participants' held-out sets."""
     return float(summary["averages"]["shared (federated)"])
@@ -130,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer": "default of tapestry local run",
         },
         "updateNorms": {"median": clip, "min": min(norms), "max": max(norms)},
+        "untrainedValidationLoss": _untrained(
+            args.workdir / "off", size, sorted(plain["losses"]["shared (federated)"])
+        ),
         "levels": rows,
         "seconds": round(time.monotonic() - started, 1),
     }
