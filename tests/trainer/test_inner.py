@@ -79,6 +79,7 @@ def _train(
     run_id: str = "standalone",
     on_step: Callable[[StepInfo], None] | None = None,
     spec: ModelSpec = SPEC,
+    log_every: int = 10,
 ) -> tuple[nn.Module, InnerResult]:
     model = build_model(spec)
     ctx = LoaderContext(
@@ -97,8 +98,18 @@ def _train(
         checkpoint_dir=ckpt,
         run_id=run_id,
         on_step=on_step,
+        log_every=log_every,
     )
     return model, result
+
+
+def test_log_every_zero_logs_nothing_and_trains(
+    shard_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="tapestry_trainer.inner"):
+        _, result = _train(shard_dir, _config(steps=2), log_every=0)
+    assert result.steps == 2
+    assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
 
 
 class Interrupted(Exception):

@@ -358,6 +358,8 @@ def train_inner(
 ) -> InnerResult:
     """Train ``model`` in place for ``config.steps`` optimizer steps; see the module doc.
 
+    ``log_every`` steps between log lines; 0 logs none.
+
     ``loader`` must yield this rank's micro batches of ``micro_batch`` sequences (default:
     :func:`micro_batch_size`); gradients are accumulated until the global batch
     ``config.batch_size`` is complete, then averaged across ranks by DDP. ``run_id`` ties
@@ -459,9 +461,10 @@ def train_inner(
         done = step + 1
         if saving and (done % config.checkpoint_every == 0 or done == config.steps):
             checkpoint(done)
-        if on_step is not None or (ctx.is_main and done % log_every == 0):
+        logging_now = ctx.is_main and log_every > 0 and done % log_every == 0
+        if on_step is not None or logging_now:
             info = StepInfo(step=done, loss=float(step_loss), lr=lr)
-            if ctx.is_main and done % log_every == 0:
+            if logging_now:
                 log.info("step %d/%d loss %.4f lr %.2e", done, config.steps, info.loss, lr)
             if on_step is not None:
                 on_step(info)
