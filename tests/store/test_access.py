@@ -209,7 +209,8 @@ def test_a_round_runs_with_scoped_identities_only(parties: Parties, round0: Roun
 def test_member_cannot_read_or_list_another_members_update(parties: Parties, round0: Round) -> None:
     layout = parties.layout
     alice, alice2 = parties.stores["alice"], parties.stores["alice2"]
-    for store, other in ((alice, "bob"), (alice2, "alice"), (parties.stores["bob"], "alice")):
+    pairs = ((alice, "bob"), (alice, "alice2"), (alice2, "alice"), (parties.stores["bob"], "alice"))
+    for store, other in pairs:
         with pytest.raises(AccessDenied):
             store.get(layout.update_manifest(0, other))
         with pytest.raises(AccessDenied):
@@ -452,6 +453,10 @@ def test_a_store_follows_a_kubelet_swap_of_its_credentials(
         plan = store.get(layout.plan(0))
         rotated = parties.ids.provision(layout, "alice")
         _kubelet_write(directory, rotated, "2030_01_01_00_00_00.2")
+        assert isinstance(store, S3Store)
+        # What the next request is signed with: the new key, before any refusal.
+        provider = store._client._provider
+        assert provider is not None and provider.retrieve().access_key == rotated.access_key
         parties.ids.revoke(layout, "alice", parties.identities["alice"].access_key)
         assert store.get(layout.plan(0)) == plan  # the same store object, no reopen
         store.put(layout.receipt(1, "alice", "Accepted"), b"{}")
