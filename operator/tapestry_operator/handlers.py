@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from tapestry_operator import api, identities
+from tapestry_operator import api
 from tapestry_operator.coordinator import Visit, reconcile_federation, reconcile_round
 from tapestry_operator.kube import Kube
 from tapestry_operator.participant import reconcile_participant
@@ -36,7 +36,6 @@ async def _run(
     stopped: kopf.DaemonStopped,
     body: kopf.Body,
     logger: logging.Logger | logging.LoggerAdapter[Any],
-    on_deleted: Callable[[Kube, dict[str, Any]], object] | None = None,
 ) -> None:
     failures = 0
     generation = None
@@ -73,12 +72,6 @@ async def _run(
             waited += 1.0
             if body.get("metadata", {}).get("generation") != generation:
                 break
-    why = stopped.reason
-    if on_deleted is not None and why and why & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-        try:
-            await asyncio.to_thread(on_deleted, kube, dict(body))
-        except Exception:
-            logger.exception("clean-up after deletion failed")
 
 
 def _count_error(plural: str, error: Exception) -> None:
@@ -91,10 +84,7 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
 
-    def daemon(
-        plural: str, reconcile: Reconcile,
-        on_deleted: Callable[[Kube, dict[str, Any]], object] | None = None,
-    ) -> None:  # fmt: skip
+    def daemon(plural: str, reconcile: Reconcile) -> None:
         # Zero from the start, so the error rate is defined before the first error.
         metrics().reconcile_errors.add(0, {catalog.RESOURCE: plural})
 
@@ -109,10 +99,10 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
             logger: logging.Logger | logging.LoggerAdapter[Any],
             **_: Any,
         ) -> None:
-            await _run(reconcile, plural, kube, stopped, body, logger, on_deleted)
+            await _run(reconcile, plural, kube, stopped, body, logger)
 
     if role in ("coordinator", "both"):
-        daemon(api.FEDERATIONS, reconcile_federation, identities.retire)
+        daemon(api.FEDERATIONS, reconcile_federation)
         daemon(api.ROUNDS, reconcile_round)
     if role in ("participant", "both"):
         daemon(api.PARTICIPANTS, reconcile_participant)

@@ -14,7 +14,6 @@ only access key ids, which name a key without granting anything.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,7 +28,6 @@ from tapestry_protocol.layout import Layout
 from tapestry_protocol.store import AccessDenied, S3Credentials, StoreError
 
 Obj = dict[str, Any]
-log = logging.getLogger(__name__)
 
 
 class IdentityState(StrEnum):
@@ -219,25 +217,3 @@ def provider_for(kube: Kube, federation: FederationConfig, ca_file: str | None) 
         region=federation.store.region,
     )  # fmt: skip
     return provider
-
-
-def retire(kube: Kube, body: Mapping[str, Any]) -> int:
-    """The Federation is being deleted: remove every identity it issued (their Secrets
-    go with it through their owner references); how many were removed. Best effort: a
-    failure is logged and the rest are still removed."""
-    federation = FederationConfig.from_body(body)
-    if federation.store.identities is None:
-        return 0
-    from tapestry_operator.stores import ca_file_for
-
-    provider = provider_for(kube, federation, ca_file_for(kube, federation.namespace,
-                                                          federation.store))  # fmt: skip
-    layout = policy_layout(federation)
-    removed = 0
-    for name in provider.names(layout):
-        try:
-            provider.remove(layout, name)
-            removed += 1
-        except StoreError as e:
-            log.warning("cannot remove the store identity of %s: %s", name, e)
-    return removed
