@@ -221,14 +221,17 @@ MEDIAN_FACTOR = 2.0
 TRIM = 0.3
 TOKEN_RATIO = 1.0
 VALIDATION_MARGIN = 0.05
-#: The stated loss bounds (see Policy.loss_bound), from the movement bounds: a clipped
-#: minority may still push against the consensus with its whole clip bound; the
-#: coordinate-wise rules stay inside the honest values; the validation floor leaves the
-#: honest merge. (The token cap's bound is exact instead: an inflated claim is merged
-#: exactly as the same update with an honest claim.)
-CLIP_LOSS_BOUND = 0.75
-COORDINATE_LOSS_BOUND = 0.35
-VALIDATION_LOSS_BOUND = 0.25
+#: The stated loss bounds (see Policy.loss_bound): empirical, measured on the demo task
+#: (bench/robust.py) and the CI setup with a margin; the movement bounds are the
+#: guarantees. A clipped minority pushing against the consensus with its whole clip
+#: bound can undo about one round's gain (2 of 7 at twice the median norm: 1.3 of it);
+#: the coordinate-wise rules stay inside the honest values (0.56); the validation floor
+#: leaves the honest merge, which lacks the refused member's data (0.28 when that member
+#: is the only one of its language). The token cap's is exact instead: an inflated claim
+#: is merged exactly as the same update with an honest claim.
+CLIP_LOSS_BOUND = 1.5
+COORDINATE_LOSS_BOUND = 0.75
+VALIDATION_LOSS_BOUND = 0.5
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ POLICIES: tuple[Policy, ...] = (
         "trimmed-mean",
         "trimmed mean",
         lambda c: {"combine": "trimmed-mean", "trim": TRIM},
-        _LARGE | {"sign-flip", "inflated-tokens"},
+        _LARGE,
         frozenset({rejections.TRIMMED}),
         COORDINATE_LOSS_BOUND,
     ),
@@ -297,7 +300,7 @@ POLICIES: tuple[Policy, ...] = (
         "median",
         "coordinate-wise median",
         lambda c: {"combine": "median"},
-        _LARGE | {"sign-flip", "inflated-tokens"},
+        _LARGE,
         frozenset({rejections.TRIMMED}),
         COORDINATE_LOSS_BOUND,
     ),
