@@ -16,6 +16,7 @@ cluster.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import uuid
@@ -38,6 +39,7 @@ from tests.kube.tapestry_env import (
     COORDINATOR_SECRET,
     EXAMPLE,
     SIGNING_SECRET,
+    STORE_SECRET,
     Keys,
     OperatorProcess,
     data_volume,
@@ -45,6 +47,7 @@ from tests.kube.tapestry_env import (
     kubectl,
     load_yaml,
     render_example,
+    secret,
     signing_secret,
     store_secret,
     wait_for,
@@ -84,6 +87,8 @@ class Setup:
     fast: bool = True  # FAST round defaults instead of the example's
     operator_env: Mapping[str, str] = field(default_factory=dict)  # e.g. OTEL_* settings
     start_operator: bool = True  # False: the test runs the operator itself (the chart's)
+    # False: members get no store Secret; the test hands each its own (store identities)
+    member_store_secrets: bool = True
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -269,7 +274,8 @@ def deploy(
             data.mkdir(parents=True)
         else:
             prepare_shards([corpora / member], data, val_fraction=0.1)
-        client.apply(store_secret(ns, minio))
+        if setup.member_store_secrets:
+            client.apply(store_secret(ns, minio))
         client.apply(signing_secret(ns, SIGNING_SECRET, keys.members[member]))
         for obj in data_volume(ns, data):
             client.apply(obj)
@@ -309,6 +315,46 @@ def deployment(
     setup = getattr(request, "param", None)
     with deploy(kube_cluster, minio_server, tmp_path, setup) as d:
         yield d
+
+
+# spec.store.identities with the test MinIO's root credentials as the admin's.
+STORE_IDENTITIES = {"store": {"identities": {"adminSecret": {"name": STORE_SECRET}}}}
+
+
+def with_store_identities(bucket: str = "identities") -> Setup:
+    """The example with store identities on and no member given a store Secret: each
+    gets the one the coordinator issues it (`hand_over_store_keys`); round 0 is applied
+    by the test."""
+    return Setup(bucket=bucket, member_store_secrets=False, apply_round=False,
+                 prepare=lambda store, keys: STORE_IDENTITIES)  # fmt: skip
+
+
+def issued_store_key(d: Deployment, party: str) -> tuple[str, str]:
+    """The access key and secret key of the Secret the operator issued `party`."""
+    obj = d.client.get(f"/api/v1/namespaces/{d.coordinator_ns}/secrets/demo-store-{party}")
+    data = obj["data"]
+    return (base64.b64decode(data["accessKey"]).decode(),
+            base64.b64decode(data["secretKey"]).decode())  # fmt: skip
+
+
+def hand_over_store_keys(d: Deployment, timeout: float = 90.0) -> dict[str, tuple[str, str]]:
+    """Wait for every member's issued Secret and put each into that member's namespace as
+    its Participant's credentialsSecret, as the member's own administrator would; the
+    keys by party (the coordinator's too)."""
+    parties = ("coordinator", *d.members)
+
+    def ready(obj: Obj) -> bool:
+        rows = {r["name"]: r for r in obj.get("status", {}).get("storeIdentities", [])}
+        return set(rows) == set(parties) and all(r["state"] == "Ready" for r in rows.values())
+
+    path = f"/apis/{API}/namespaces/{d.coordinator_ns}/federations/{FEDERATION}"
+    d.wait(path, ready, "every party's store identity to be Ready", timeout)
+    keys = {party: issued_store_key(d, party) for party in parties}
+    for member in d.members:
+        access, secret_key = keys[member]
+        d.client.apply(secret(d.ns(member), STORE_SECRET, {
+            "accessKey": access.encode(), "secretKey": secret_key.encode()}))  # fmt: skip
+    return keys
 
 
 def dump(obj: Obj) -> str:

@@ -296,6 +296,18 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         ["spec.store.bucket", "should match"],
     ),
     (
+        "unknown-identity-provider",
+        federation,
+        _set("store.identities", {"provider": "vault", "adminSecret": {"name": "admin"}}),
+        ["spec.store.identities.provider", 'Unsupported value: "vault"'],
+    ),
+    (
+        "identities-without-admin-secret",
+        federation,
+        _set("store.identities", {"provider": "minio"}),
+        ["spec.store.identities.adminSecret", "Required value"],
+    ),
+    (
         "unknown-optimizer",
         federation,
         _set("aggregation", {"optimizer": "sgd"}),
