@@ -119,10 +119,11 @@ def _read_signed(
 
 
 def fetch_shard(store: ObjectStore, directory: str, ref: ShardRef) -> bytes:
-    """The shard's bytes, only once their size and sha256 match the manifest."""
+    """The shard's bytes, only once their size and sha256 match the manifest; read no
+    further than one byte past the size the manifest states."""
     key = directory + ref.name
     try:
-        data = store.get(key, length=jsonsafe.MAX_DOCUMENT_BYTES + 1)
+        data = store.get(key, length=ref.size + 1)
     except ObjectNotFound:
         raise Rejected(rejections.MISSING_SHARD, f"shard {key} is listed but absent") from None
     if len(data) != ref.size:

@@ -512,3 +512,18 @@ def test_a_long_failure_message_still_closes_the_round(fed: Federation) -> None:
     (bob,) = close.document.excluded
     assert bob.reason == rejections.TRAINING_FAILED
     assert bob.message.startswith("Crashed: yyy") and len(bob.message) == 4096
+
+
+def test_a_shard_larger_than_the_document_limit_is_read_whole(tmp_path: Path) -> None:
+    """Shards are bounded by the size their manifest states, not by the document limit:
+    the default shard size (64 MiB) is far above it."""
+    from tapestry_protocol.jsonsafe import MAX_DOCUMENT_BYTES
+    from tapestry_protocol.shards import ShardRef, sha256_hex
+
+    store = FilesystemStore(tmp_path)
+    data = np.random.default_rng(0).bytes(MAX_DOCUMENT_BYTES + 4096)
+    ref = ShardRef("part-00000-0123456789abcdef.safetensors", len(data), sha256_hex(data), ("w",))
+    store.put("d/" + ref.name, data)
+    assert fetch_shard(store, "d/", ref) == data
+    short = dataclasses.replace(ref, size=len(data) - 1)
+    assert _reason(lambda: fetch_shard(store, "d/", short)) == rejections.SIZE_MISMATCH
