@@ -520,9 +520,9 @@ def test_coordinatewise_memory_is_participants_times_shard_size(tmp_path: Path) 
 
 class _ExactReads(FilesystemStore):
     """Reads allocate what they return. The filesystem store's `get(key, length=limit)`
-    asks Python for a `limit`-sized buffer (16 MiB) and shrinks it, which tracemalloc
-    counts in full although those pages are never touched; that would hide the merge's
-    own buffers."""
+    asks Python for a `limit`-sized buffer and shrinks it (documents are read with the
+    16 MiB document limit), which tracemalloc counts in full although those pages are
+    never touched; that would hide the merge's own buffers."""
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
         data = super().get(key, offset=offset)
