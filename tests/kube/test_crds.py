@@ -472,6 +472,36 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         _set("compute", {"shmSize": "lots"}),
         ["spec.compute.shmSize", "should match"],
     ),
+    (
+        "privacy-zero-noise",
+        participant,
+        _set("privacy", {"noiseMultiplier": 0, "clipNorm": 1.0}),
+        ["spec.privacy.noiseMultiplier", "should be greater than 0"],
+    ),
+    (
+        "privacy-negative-clip-norm",
+        participant,
+        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": -1.0}),
+        ["spec.privacy.clipNorm", "should be greater than 0"],
+    ),
+    (
+        "privacy-without-clip-norm",
+        participant,
+        _set("privacy", {"noiseMultiplier": 1.0}),
+        ["spec.privacy.clipNorm", "Required value"],
+    ),
+    (
+        "privacy-delta-too-large",
+        participant,
+        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": 1.0, "delta": 0.5}),
+        ["spec.privacy.delta", "should be less than or equal to 0.1"],
+    ),
+    (
+        "privacy-delta-zero",
+        participant,
+        _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": 1.0, "delta": 0}),
+        ["spec.privacy.delta", "should be greater than 0"],
+    ),
 ]
 
 
