@@ -46,7 +46,7 @@ kube-demo: setup testbin
 operator: setup
 	$(PY) -m tapestry_operator --role both --log-format text
 
-## bench: aggregation (streaming vs load-everything), cluster start, attacks x robust policies; results in bench/results/
+## bench: aggregation (streaming vs load-everything), cluster start, attacks x robust policies, the cost of differential privacy; results in bench/results/
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json

@@ -41,6 +41,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Test workloads are tiny: one intra-op thread is as fast, and OpenMP's spinning
+    threads slow down badly when other processes share the two cores (as in CI)."""
+    try:
+        import torch
+    except ImportError:
+        yield None
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield None
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """MinIO built from source (tests/testbin/build-minio.sh) on a free loopback port."""
     skip_if_s3_disabled()

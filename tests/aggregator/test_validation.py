@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,17 +175,8 @@ class Demo:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
+def _one_torch_thread(one_torch_thread: None) -> None:
     """Tiny models: one intra-op thread is as fast, and far faster on shared cores."""
-    try:
-        import torch
-    except ImportError:
-        yield None
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -62,15 +62,5 @@ def shard_dir(text_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> object:
-    """Test workloads are tiny: one intra-op thread is as fast, and OpenMP's spinning
-    threads slow down badly when other processes share the two cores (as in CI)."""
-    try:
-        import torch
-    except ImportError:
-        yield None
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread: None) -> None:
+    """Every trainer test runs with one intra-op thread (see tests/conftest.py)."""
