@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from tapestry_operator import api
+from tapestry_operator import api, identities
 from tapestry_operator.coordinator import Visit, reconcile_federation, reconcile_round
 from tapestry_operator.kube import Kube
 from tapestry_operator.participant import reconcile_participant
@@ -103,6 +103,21 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
 
     if role in ("coordinator", "both"):
         daemon(api.FEDERATIONS, reconcile_federation)
+
+        @kopf.on.delete(
+            api.GROUP, api.VERSION, api.FEDERATIONS, registry=registry,
+            id="tapestry-federations-retire-identities",
+        )  # fmt: skip
+        async def retire(
+            *,
+            body: kopf.Body,
+            logger: logging.Logger | logging.LoggerAdapter[Any],
+            **_: Any,
+        ) -> None:
+            """A deleted Federation's store identities go with it (best effort)."""
+            for problem in await asyncio.to_thread(identities.retire, kube, dict(body)):
+                logger.warning("%s", problem)
+
         daemon(api.ROUNDS, reconcile_round)
     if role in ("participant", "both"):
         daemon(api.PARTICIPANTS, reconcile_participant)

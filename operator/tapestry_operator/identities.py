@@ -217,3 +217,29 @@ def provider_for(kube: Kube, federation: FederationConfig, ca_file: str | None) 
         region=federation.store.region,
     )  # fmt: skip
     return provider
+
+
+def retire(kube: Kube, body: Mapping[str, Any]) -> list[str]:
+    """The Federation is being deleted: remove every store identity it issued (their
+    Secrets go with it, through their owner references). Best effort, so that a store
+    that cannot be reached never blocks the deletion: what could not be removed is
+    returned as messages (without secrets) for the caller to report."""
+    federation = FederationConfig.from_body(body)
+    if federation.store.identities is None:
+        return []
+    from tapestry_operator.stores import ca_file_for
+
+    problems: list[str] = []
+    try:
+        ca_file = ca_file_for(kube, federation.namespace, federation.store)
+        provider = provider_for(kube, federation, ca_file)
+        layout = policy_layout(federation)
+        names = provider.names(layout)
+    except Exception as e:  # the admin Secret gone, the store unreachable, ...
+        return [f"cannot list the store identities of {federation.name}: {e}"]
+    for name in names:
+        try:
+            provider.remove(layout, name)
+        except StoreError as e:
+            problems.append(f"cannot remove the store identity of {name}: {e}")
+    return problems

@@ -3,7 +3,8 @@ operator issues each member its own scoped store key (spec.store.identities), ea
 member's administrator puts its Secret into the member's namespace, and a round
 completes with every participant holding only its own key and the aggregator the
 coordinator's; a member's key cannot read another's update; deleting a member's Secret
-rotates its key; removing a member from spec.members makes its key stop working.
+rotates its key; removing a member from spec.members makes its key stop working, and
+deleting the Federation removes every identity it issued.
 """
 
 from __future__ import annotations
@@ -162,6 +163,22 @@ def test_each_member_trains_with_its_own_scoped_key(
     assert refusal(lambda: fresh.get_object(bucket, base)) is None  # the others keep theirs
     reasons = {r for _, r, _ in d.events(d.coordinator_ns, "demo")}
     assert {"StoreIdentityIssued", "StoreIdentityRevoked", "StoreIdentityRemoved"} <= reasons
+
+    # Deleting the Federation removes every identity it issued before it goes.
+    staying = client_of(minio_server, *keys[MEMBERS[1]])
+    assert refusal(lambda: staying.get_object(bucket, base)) is None
+    d.client.delete(federation_path(d))
+    deadline = time.monotonic() + KEY_TIMEOUT_S
+    while True:
+        try:
+            d.client.get(federation_path(d))
+        except ApiError as e:
+            assert e.status == 404, e
+            break
+        assert time.monotonic() < deadline, f"the Federation is still there\n{d.diagnose()}"
+        time.sleep(1.0)
+    for client in (staying, fresh):
+        assert refusal(lambda c=client: c.get_object(bucket, base)) == "InvalidAccessKeyId"
 
 
 @pytest.mark.parametrize("deployment", [with_store_identities()], indirect=True)
