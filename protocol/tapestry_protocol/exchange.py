@@ -8,6 +8,7 @@ and each shard's size and sha256 before using any byte of it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -126,17 +127,39 @@ def fetch_shard(store: ObjectStore, directory: str, ref: ShardRef) -> bytes:
         data = store.get(key, length=ref.size + 1)
     except ObjectNotFound:
         raise Rejected(rejections.MISSING_SHARD, f"shard {key} is listed but absent") from None
-    if len(data) != ref.size:
+    _check_shard(key, ref, len(data), sha256_hex(data))
+    return data
+
+
+def check_shard(store: ObjectStore, directory: str, ref: ShardRef, chunk: int = 1 << 20) -> int:
+    """`fetch_shard`'s checks on a shard hashed as it streams, for readers that need
+    only the verdict (bounded memory whatever the shard size); returns its size."""
+    key = directory + ref.name
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for part in store.iter_chunks(key, chunk):
+            size += len(part)
+            if size > ref.size:
+                break  # one chunk past the stated size is enough to refuse it
+            digest.update(part)
+    except ObjectNotFound:
+        raise Rejected(rejections.MISSING_SHARD, f"shard {key} is listed but absent") from None
+    _check_shard(key, ref, size, digest.hexdigest())
+    return size
+
+
+def _check_shard(key: str, ref: ShardRef, size: int, digest: str) -> None:
+    if size != ref.size:  # readers stop one byte past the stated size
+        actual = f"more than {ref.size}" if size > ref.size else str(size)
         raise Rejected(
-            rejections.SIZE_MISMATCH, f"shard {key} is {len(data)} bytes, manifest says {ref.size}"
+            rejections.SIZE_MISMATCH, f"shard {key} is {actual} bytes, manifest says {ref.size}"
         )
-    digest = sha256_hex(data)
     if digest != ref.sha256:
         raise Rejected(
             rejections.HASH_MISMATCH,
             f"shard {key} has sha256 {digest[:16]}…, manifest says {ref.sha256[:16]}…",
         )
-    return data
 
 
 def decode_shard(data: bytes, ref: ShardRef, encoding: str, where: str) -> dict[str, FloatArray]:

@@ -28,7 +28,6 @@ chunk of one shard: shards are hashed as they stream, one at a time.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from tapestry_protocol.documents import (
 )
 from tapestry_protocol.exchange import (
     Verified,
+    check_shard,
     read_close,
     read_model,
     read_plan,
@@ -57,7 +57,7 @@ from tapestry_protocol.exchange import (
 from tapestry_protocol.layout import Layout
 from tapestry_protocol.rejections import Rejected
 from tapestry_protocol.shards import ShardRef
-from tapestry_protocol.store import ObjectNotFound, ObjectStore
+from tapestry_protocol.store import ObjectStore
 
 #: Bytes read per request while a shard is hashed: the walk's memory, whatever the model.
 CHUNK = 1 << 20
@@ -498,36 +498,8 @@ class _Walk:
         return model
 
     def _shard(self, directory: str, ref: ShardRef) -> None:
-        """The shard's size and sha256, hashed as it streams (the checks of
-        `exchange.fetch_shard`, without holding the shard in memory)."""
+        """The shard's size and sha256, hashed as it streams (`exchange.check_shard`)."""
         key = directory + ref.name
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            for chunk in self.store.iter_chunks(key, CHUNK):
-                size += len(chunk)
-                if size > ref.size:
-                    raise _fail(
-                        key,
-                        rejections.SIZE_MISMATCH,
-                        f"shard is more than the {ref.size} bytes its manifest says",
-                    )
-                digest.update(chunk)
-        except ObjectNotFound:
-            raise _fail(
-                key, rejections.MISSING_SHARD, "listed in its manifest but absent"
-            ) from None
-        if size != ref.size:
-            raise _fail(
-                key,
-                rejections.SIZE_MISMATCH,
-                f"shard is {size} bytes, its manifest says {ref.size}",
-            )
-        if digest.hexdigest() != ref.sha256:
-            raise _fail(
-                key,
-                rejections.HASH_MISMATCH,
-                f"shard has sha256 {digest.hexdigest()[:16]}…, its manifest says "
-                f"{ref.sha256[:16]}…",
-            )
+        with _about(key):
+            size = check_shard(self.store, directory, ref, CHUNK)
         self._counted(key, size)
