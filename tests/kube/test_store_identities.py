@@ -177,8 +177,8 @@ def test_each_member_trains_with_its_own_scoped_key(
             break
         assert time.monotonic() < deadline, f"the Federation is still there\n{d.diagnose()}"
         time.sleep(1.0)
-    for client in (staying, fresh):
-        assert refusal(lambda c=client: c.get_object(bucket, base)) == "InvalidAccessKeyId"
+    assert refusal(lambda: staying.get_object(bucket, base)) == "InvalidAccessKeyId"
+    assert refusal(lambda: fresh.get_object(bucket, base)) == "InvalidAccessKeyId"
 
 
 @pytest.mark.parametrize("deployment", [with_store_identities()], indirect=True)
