@@ -22,6 +22,7 @@ import yaml
 
 from tapestry_protocol.exchange import COORDINATOR
 from tapestry_protocol.signing import SigningKey
+from tapestry_telemetry.rounds import FINAL
 from tests.kube.client import ApiError, KubeClient, Obj
 from tests.kube.cluster import REPO_ROOT
 from tests.kube.helpers import kubectl_binary
@@ -229,3 +230,14 @@ def wait_for(
         time.sleep(1.0)
     extra = diagnose() if diagnose else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n{last}\n{extra}")
+
+
+def verdict_seen(number: int) -> Any:
+    """A Participant predicate: it has recorded the round's final verdict on its own update.
+    Its operator reads the result on its own poll, so this trails the round's Succeeded."""
+
+    def seen(participant: Obj) -> bool:
+        rows = participant.get("status", {}).get("rounds", [])
+        return any(r["round"] == number and r["state"] in FINAL for r in rows)
+
+    return seen

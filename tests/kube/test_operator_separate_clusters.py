@@ -63,6 +63,7 @@ from tests.kube.tapestry_env import (
     secret,
     signing_secret,
     store_secret,
+    verdict_seen,
     wait_for,
 )
 from tests.s3servers import S3Server
@@ -228,7 +229,9 @@ def test_two_rounds_across_separate_clusters(consortium: Consortium) -> None:
     # Each member's own operator recorded the verdict on its update, in its own cluster.
     for member in MEMBERS:
         party = c.parties[member]
-        body = party.client.get(f"/apis/{API}/namespaces/{NAMESPACE}/participants/{member}")
+        path = f"/apis/{API}/namespaces/{NAMESPACE}/participants/{member}"
+        body = wait_for(party.client, path, verdict_seen(0), 120,
+                        f"Participant {member} to see round 0's result", c.diagnose)  # fmt: skip
         rounds = {r["round"]: r for r in body["status"].get("rounds", [])}
         assert rounds[0]["state"] == "Merged" and rounds[0]["weight"] > 0, body["status"]
     # The work ran where it belongs: training in each member's cluster, only its own;

@@ -21,7 +21,15 @@ from tapestry_trainer.specs import ModelSpec
 from tests.kube import deployment as shared
 from tests.kube.client import Obj
 from tests.kube.deployment import MEMBERS, Deployment, Setup
-from tests.kube.tapestry_env import API, EXAMPLE, Keys, kubectl, load_yaml, render_example
+from tests.kube.tapestry_env import (
+    API,
+    EXAMPLE,
+    Keys,
+    kubectl,
+    load_yaml,
+    render_example,
+    verdict_seen,
+)
 
 deployment = shared.deployment  # the shared fixture: the example, deployed per Setup
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.torch, pytest.mark.slow]
@@ -48,9 +56,9 @@ def test_two_rounds_on_one_cluster(deployment: Deployment) -> None:
     header = table.splitlines()[0].split()
     assert header[:5] == ["NAME", "FEDERATION", "ROUND", "PHASE", "REPORTED"], table
     assert "Succeeded" in table and "3/3" in table
-    for member in MEMBERS:  # each participant records the verdict on its own update
-        path = f"/apis/{API}/namespaces/{d.ns(member)}/participants/{member}"
-        participant = d.client.get(path)
+    for member in MEMBERS:  # each participant records the verdict on its own update,
+        # when its own poll of the store sees the result (after the round's, not with it)
+        participant = d.wait_participant(member, verdict_seen(0), "to see round 0's result")
         rounds = {r["round"]: r for r in participant["status"].get("rounds", [])}
         assert rounds[0]["state"] == "Merged" and rounds[0]["weight"] > 0, participant["status"]
 
