@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from report import header, write
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"participants": 3, "rounds": 3, "inner_steps": 10, "batch_size": 8, "seq_len": 128}
@@ -86,12 +86,6 @@ def _pooled(summary: dict[str, Any]) -> float:
     return float(summary["averages"]["shared (federated)"])
 
 
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
-    return done.stdout.strip() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="results JSON")
@@ -128,15 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "losses": summary["losses"],
         })  # fmt: skip
     report = {
-        "benchmark": "privacy",
-        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
-        "commit": _commit(),
-        "command": "python bench/privacy.py " + " ".join(argv or sys.argv[1:]),
+        **header("privacy", args.quick, "privacy.py"),
         "task": {
             **size,
             "preset": "tiny",
@@ -150,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "levels": rows,
         "seconds": round(time.monotonic() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write(args.out, report)
     for row in rows:
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
         print(f"noise {row['noiseMultiplier']:g}: loss {row['validationLoss']:.4f}, epsilon {eps}")

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from report import header, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -116,17 +113,6 @@ def table(cases: list[Case], policies: list[Policy], attack_list: list[Attack]) 
     return "\n".join(rows)
 
 
-def _commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )  # fmt: skip
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the harness's CI smoke test")
@@ -147,8 +133,7 @@ def main() -> None:
         policies = [p for p in chosen if p.available]
         cases = [harness.run(a, p) for a in attack_list for p in policies]
         report = _report(args, setup, harness, cases, policies, attack_list, trained, started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write(args.out, report)
     print(table(cases, policies, attack_list))
     print(f"\n{len(cases)} cases in {report['seconds']:.0f} s; results in {args.out}")
 
@@ -168,17 +153,7 @@ def _report(
         for n in sorted({a.members for a in attack_list})
     }
     return {
-        "benchmark": "robust",
-        "quick": args.quick,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "commit": _commit(),
-        "command": " ".join(["python", "bench/robust.py", *sys.argv[1:]]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load": os.getloadavg()[0],
-        },
+        **header("robust", args.quick, "robust.py"),
         "setup": {
             "model": setup.spec.to_dict(),
             "parameters": setup.spec.param_count(),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry_protocol.store import ObjectStore
-from tapestry_telemetry import METRICS_EXPORTER_ENV, MetricsExporter
+from tapestry_telemetry import METRICS_EXPORTER_ENV, MetricsExporter, catalog
 from tests.dashboards import promql
 from tests.kube.cluster import KubeCluster
 from tests.kube.deployment import FEDERATION, ROUND_TIMEOUT_S, Deployment, Setup, deploy
@@ -131,6 +131,13 @@ def observed_rounds(
                 f"tapestry_aggregation_duration_seconds_count{{{f}}}[1h])))"
             )
             _wait(prom, f"{aggregations} >= {rounds}", f"{rounds} aggregations", 120)
+            # The coordinator's own view of every round's end: on a busy machine its visit
+            # that counts the last result can trail the participants' and the status.
+            judged = f"sum({catalog.ROUND_UPDATES.prometheus}{{{f}}})"
+            _wait(prom, f"{judged} >= {rounds * len(d.members)}",
+                  f"the coordinator's verdicts on {rounds} rounds", timeout=120)  # fmt: skip
+            ended = f"sum({catalog.ROUND_DURATION.prometheus}_count{{{f}}})"
+            _wait(prom, f"{ended} >= {rounds}", f"the coordinator's end of {rounds} rounds", 120)
             # One more rate window, so the last increase has samples on both sides.
             time.sleep(promql.rate_interval(0, SCRAPE_INTERVAL_S) + 1)
             yield Observed(d, prom, start, time.time(), rounds)
