@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -311,18 +311,7 @@ def merge_until_quorum(
     passes = bytes_read = 0
     plan = inputs.plan.document
     while len(inputs.updates) >= plan.min_participants:
-        records: dict[str, PolicyRecord] = {}
-        for name, score in sorted((scores or {}).items()):
-            if name in inputs.updates:
-                records[name] = PolicyRecord(
-                    {"validationLoss": score.loss, "baseValidationLoss": score.base_loss}
-                )
-        claimed = {n: u.document.tokens for n, u in inputs.updates.items()}
-        counted = robust.count_tokens(strategy, plan, claimed, records)
-        if strategy.combine == "mean":
-            weights = compute_weights(counted, strategy.weighting, strategy.max_share)
-        else:  # coordinate-wise rules: every participant is one vote
-            weights = dict.fromkeys(sorted(inputs.updates), 1.0 / len(inputs.updates))
+        weights, records = attempt_weights(inputs, strategy, scores)
         counter = [0]
         try:
             scales = dict.fromkeys(inputs.updates, 1.0)
@@ -341,6 +330,36 @@ def merge_until_quorum(
             continue
         return Merged(base, state, weights, norms, bytes_read + counter[0], passes, records)
     return None
+
+
+def attempt_weights(
+    inputs: RoundInputs, strategy: Strategy, scores: Mapping[str, Score] | None = None
+) -> tuple[dict[str, float], dict[str, PolicyRecord]]:
+    """One attempt's weights over the updates still in, and its fresh policy records
+    (validation scores, then the token cap)."""
+    plan = inputs.plan.document
+    records: dict[str, PolicyRecord] = {}
+    for name, score in sorted((scores or {}).items()):
+        if name in inputs.updates:
+            records[name] = PolicyRecord(
+                {"validationLoss": score.loss, "baseValidationLoss": score.base_loss}
+            )
+    claimed = {n: u.document.tokens for n, u in inputs.updates.items()}
+    counted = robust.count_tokens(strategy, plan, claimed, records)
+    if strategy.combine == "mean":
+        weights = compute_weights(counted, strategy.weighting, strategy.max_share)
+    else:  # coordinate-wise rules: every participant is one vote
+        weights = dict.fromkeys(sorted(inputs.updates), 1.0 / len(inputs.updates))
+    return weights, records
+
+
+def norm_of(squares: list[float]) -> float:
+    """The L2 norm from per-tensor squared norms added in merge order (shard, then
+    tensor), the one order in which every pass and every part sums them."""
+    total = 0.0
+    for square in squares:
+        total += square
+    return float(np.sqrt(total))
 
 
 def norm_pass(
@@ -484,18 +503,61 @@ def stream_merge(
     coordinate-wise rules (trimmed-mean, median) first fill an N x tensor stack with the
     scaled deltas of all N participants for the shard, unweighted, and combine it per
     coordinate (memory: N x shard size). The norms returned are those before clipping."""
+    squares: dict[str, list[float]] = {}
+    out = merge_shards(
+        store, layout, inputs, weights, strategy, prefetch, progress, counter, scales,
+        squares=squares,
+    )  # fmt: skip
+    if strategy.combine != "mean":
+        lo, hi = robust.kept_ranks(strategy.combine, len(out.names), strategy.trim)
+        trimmed = np.array(out.trimmed, dtype=np.int64)
+        records = records if records is not None else {}
+        robust.record_trimmed(
+            strategy.combine, lo, hi, out.names, trimmed, out.coordinates, records
+        )
+    return out.base, out.state, {n: norm_of(v) for n, v in squares.items()}
+
+
+@dataclass
+class ShardsMerged:
+    """A merge of some shards: the uploaded new base and state shards, in shard order,
+    and the coordinate-wise rules' tallies (per participant in `names` order)."""
+
+    names: list[str]
+    base: list[ShardRef]
+    state: list[ShardRef]
+    trimmed: list[int]
+    coordinates: int
+
+
+def merge_shards(
+    store: ObjectStore,
+    layout: Layout,
+    inputs: RoundInputs,
+    weights: Mapping[str, float],
+    strategy: Strategy,
+    prefetch: int,
+    progress: ProgressCallback | None,
+    counter: list[int],
+    scales: Mapping[str, float] | None = None,
+    shards: Sequence[int] | None = None,
+    squares: dict[str, list[float]] | None = None,
+) -> ShardsMerged:
+    """`stream_merge`'s pass over `shards` (default: all), in order; each update's
+    per-tensor squared norms are appended to `squares` in merge order."""
     round_number = inputs.plan.document.round
     base, state, accepted = inputs.base, inputs.state, inputs.updates
     names = sorted(accepted)
     scales = scales if scales is not None else dict.fromkeys(names, 1.0)
-    records = records if records is not None else {}
     coordinatewise = strategy.combine != "mean"
     lo, hi = robust.kept_ranks(strategy.combine, len(names), strategy.trim) if coordinatewise \
         else (0, len(names) - 1)  # fmt: skip
     trimmed = np.zeros(len(names), dtype=np.int64)
     coordinates = 0
     base_refs = base.document.shards
-    norms_sq = dict.fromkeys(names, 0.0)
+    norms_sq = squares if squares is not None else {}
+    for name in names:
+        norms_sq.setdefault(name, [])
     uploads: list[tuple[Future[ShardRef], Future[ShardRef] | None]] = []
     # Reads run `prefetch` ahead on one pool; the new shards upload on another, so
     # writing shard i overlaps reading shard i+1. At most two uploads are in flight.
@@ -503,13 +565,12 @@ def stream_merge(
         ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool,
         ThreadPoolExecutor(max_workers=1) as writer,
     ):
-        for shard, current, deltas in _shards(pool, store, base, accepted, names, prefetch):
+        for shard, current, deltas in _shards(pool, store, base, accepted, names, prefetch, shards):
             accumulator: dict[str, FloatArray] = {}
             for row, (participant, data) in enumerate(deltas):
                 update = accepted[participant]
-                delta, squares = _checked_delta(participant, update, shard, data, current)
-                for square in squares:
-                    norms_sq[participant] += square
+                delta, shard_squares = _checked_delta(participant, update, shard, data, current)
+                norms_sq[participant] += shard_squares
                 scale = np.float32(scales[participant])
                 weight = np.float32(weights[participant] * scales[participant])
                 for tensor, values in delta.items():
@@ -550,9 +611,34 @@ def stream_merge(
                 progress(ProgressEvent(Phase.MERGE, shard + 1, len(base_refs)))
         out_base = [b.result() for b, _ in uploads]
         out_state = [s.result() for _, s in uploads if s is not None]
-    if coordinatewise:
-        robust.record_trimmed(strategy.combine, lo, hi, names, trimmed, coordinates, records)
-    return out_base, out_state, {n: float(np.sqrt(v)) for n, v in norms_sq.items()}
+    return ShardsMerged(names, out_base, out_state, [int(t) for t in trimmed], coordinates)
+
+
+def check_shards(
+    store: ObjectStore, inputs: RoundInputs, prefetch: int, shards: Sequence[int]
+) -> tuple[dict[str, list[float]], dict[str, tuple[int, str, str]]]:
+    """The merge's checks of every update on `shards`, refusing nobody: each update's
+    per-tensor squared norms in merge order, and for those that fail, the first failing
+    shard with its refusal (reason, message), exactly as the merge would refuse it."""
+    names = sorted(inputs.updates)
+    squares: dict[str, list[float]] = {n: [] for n in names}
+    failures: dict[str, tuple[int, str, str]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+        fetched = _shards(pool, store, inputs.base, inputs.updates, names, prefetch, shards, True)
+        for shard, current, deltas in fetched:
+            for participant, data in deltas:
+                if participant in failures:
+                    continue
+                try:
+                    if isinstance(data, _Rejection):
+                        raise data
+                    update = inputs.updates[participant]
+                    _, shard_squares = _checked_delta(participant, update, shard, data, current)
+                except _Rejection as r:
+                    failures[participant] = (shard, r.reason, r.message)
+                    continue
+                squares[participant] += shard_squares
+    return squares, failures
 
 
 def _checked_delta(
@@ -658,23 +744,35 @@ def _shards(
     accepted: dict[str, Verified[UpdateManifest]],
     names: list[str],
     depth: int,
+    shards: Sequence[int] | None = None,
+    tolerant: bool = False,
 ) -> Iterator[tuple[int, dict[str, FloatArray], Iterator[tuple[str, bytes]]]]:
-    """For each shard: its index, the decoded base shard, and the participants' verified
-    shard bytes in merge order, with `depth` fetches in flight ahead of the consumer."""
+    """For each shard (of `shards`, default all): its index, the decoded base shard, and
+    the participants' verified shard bytes in merge order, with `depth` fetches in flight
+    ahead of the consumer. `tolerant`: a participant's bad shard is yielded as its
+    _Rejection in place of the bytes (for `check_shards`) instead of raised."""
+    indices = range(len(base.document.shards)) if shards is None else shards
     jobs: list[tuple[str, str, ShardRef]] = []
-    for shard, base_ref in enumerate(base.document.shards):
-        jobs.append(("", base.directory, base_ref))
+    for shard in indices:
+        jobs.append(("", base.directory, base.document.shards[shard]))
         jobs += [(n, accepted[n].directory, accepted[n].document.shards[shard]) for n in names]
-    fetched = _prefetched(pool, store, jobs, depth)
-    for shard, base_ref in enumerate(base.document.shards):
+    fetched = _prefetched(pool, store, jobs, depth, tolerant)
+    for shard in indices:
+        base_ref = base.document.shards[shard]
         _, data = next(fetched)
+        assert isinstance(data, bytes)  # the base's own failures are raised
         current = decode_shard(data, base_ref, "fp32", base.directory + base_ref.name)
-        yield shard, current, (next(fetched) for _ in names)
+        # Only a tolerant caller (check_shards) sees a _Rejection in place of bytes.
+        yield shard, current, (next(fetched) for _ in names)  # type: ignore[misc]
 
 
 def _prefetched(
-    pool: ThreadPoolExecutor, store: ObjectStore, jobs: list[tuple[str, str, ShardRef]], depth: int
-) -> Iterator[tuple[str, bytes]]:
+    pool: ThreadPoolExecutor,
+    store: ObjectStore,
+    jobs: list[tuple[str, str, ShardRef]],
+    depth: int,
+    tolerant: bool = False,
+) -> Iterator[tuple[str, bytes | _Rejection]]:
     """Yield (participant or "" for the base, verified shard bytes) in job order."""
     pending: deque[tuple[str, Future[bytes]]] = deque()
     position = 0
@@ -689,6 +787,9 @@ def _prefetched(
         except Rejected as e:
             if who == "":
                 raise
+            if tolerant:
+                yield who, _Rejection(who, e.reason, e.message)
+                continue
             for _, other in pending:
                 other.cancel()
             raise _Rejection(who, e.reason, e.message) from None

@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="close the round first if it is not closed: the updates committed so far are in",
     )
     _add_validation_arguments(agg)
+    _add_parts_arguments(agg)
     agg.set_defaults(run=_aggregate)
     return parser
 
@@ -464,11 +465,12 @@ def _aggregate(args: argparse.Namespace) -> int:
     import tapestry_telemetry as telemetry
     from tapestry_aggregator.memory import keep_freed_memory
     from tapestry_aggregator.merge import aggregate_round
+    from tapestry_aggregator.parts import PartError, PartsMissing, aggregate_part, commit_parts
     from tapestry_aggregator.strategy import Strategy, robust_from_args
     from tapestry_aggregator.validation import ValidationError
     from tapestry_protocol import pod, rejections
-    from tapestry_protocol.documents import CloseTrigger, Outcome
-    from tapestry_protocol.exchange import COORDINATOR, close_round, read_plan
+    from tapestry_protocol.documents import CloseTrigger, Outcome, RoundResult
+    from tapestry_protocol.exchange import COORDINATOR, Verified, close_round, read_plan
     from tapestry_protocol.layout import Layout
     from tapestry_protocol.rejections import Rejected
     from tapestry_protocol.signing import load_signing_key
@@ -488,6 +490,7 @@ def _aggregate(args: argparse.Namespace) -> int:
             )
         strategy = _with_validation_margin(args, strategy)
         layout = Layout(args.federation)
+        part = _part(args, strategy)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     store = _open(args)
@@ -501,10 +504,27 @@ def _aggregate(args: argparse.Namespace) -> int:
                 plan = read_plan(store, layout, args.round, signer.public_key_text)
                 close_round(store, layout, plan, signer, CloseTrigger.MANUAL, datetime.now(UTC))
             scorer = _validation_scorer(args, strategy, store, layout, signer.public_key_text)
-            result = aggregate_round(
-                store, layout, args.round, signer, strategy,
-                traceparent=os.environ.get(pod.TRACEPARENT), scorer=scorer,
-            )  # fmt: skip
+            wait = {} if args.wait is None else {"wait": args.wait}
+            part_result: Verified[RoundResult] | None
+            if args.commit:
+                part_result = commit_parts(
+                    store, layout, args.round, signer, strategy, args.parts, **wait
+                )
+            elif args.parts > 1:
+                part_result = aggregate_part(
+                    store, layout, args.round, signer, strategy, part, args.parts,
+                    traceparent=os.environ.get(pod.TRACEPARENT), **wait,
+                )  # fmt: skip
+            else:
+                part_result = aggregate_round(
+                    store, layout, args.round, signer, strategy,
+                    traceparent=os.environ.get(pod.TRACEPARENT), scorer=scorer,
+                )  # fmt: skip
+    except PartsMissing as e:
+        _error_line(str(e))
+        return int(pod.ExitCode.CRASH)  # not permanent: the Job re-runs this index
+    except PartError as e:
+        raise UsageError(f"round {args.round} cannot be aggregated in parts: {e}") from None
     except Rejected as e:
         hint = ""
         if e.reason == rejections.NOT_CLOSED:
@@ -512,7 +532,10 @@ def _aggregate(args: argparse.Namespace) -> int:
         raise UsageError(f"round {args.round} cannot be aggregated: {e}{hint}") from None
     except ValidationError as e:
         raise UsageError(f"round {args.round} cannot be validated: {e}") from None
-    doc = result.document
+    if part_result is None:
+        console.print(f"round {args.round}: part {part} of {args.parts} is stored; part 0 commits")
+        return EXIT_OK
+    doc = part_result.document
     console.print(
         {
             "round": doc.round,
@@ -527,6 +550,45 @@ def _aggregate(args: argparse.Namespace) -> int:
         where = f"round {args.round} of federation {args.federation}"
         raise RefusedInput(f"{where} {doc.outcome}: {doc.message}")
     return EXIT_OK
+
+
+def _add_parts_arguments(agg: argparse.ArgumentParser) -> None:
+    """Scale-out: this process merges one part of the shards; part 0 commits."""
+    from tapestry_protocol import pod
+
+    def count(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+        return int(text)
+
+    agg.add_argument(
+        "--parts",
+        type=count,
+        default=1,
+        metavar="K",
+        help="merge in K parts, each a process of its own on a disjoint set of shards; "
+        "part 0 commits the result once every part is stored (default: %(default)s)",
+    )
+    agg.add_argument(
+        "--part",
+        type=int,
+        default=None,
+        metavar="I",
+        help=f"this process's part, 0 to K-1 (default: ${pod.JOB_COMPLETION_INDEX}, "
+        "which an Indexed Job sets, else 0)",
+    )
+    agg.add_argument(
+        "--commit",
+        action="store_true",
+        help="with --parts: only commit, once every part is stored (instead of --part)",
+    )
+    agg.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a part waits for the others (default: 3600)",
+    )
 
 
 def _add_validation_arguments(agg: argparse.ArgumentParser) -> None:
@@ -559,6 +621,31 @@ def _add_validation_arguments(agg: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="options handed to --validation-loader as ctx.options",
     )
+
+
+def _part(args: argparse.Namespace, strategy: Strategy) -> int:
+    """This process's part index, checked against --parts (ValueError: a usage error)."""
+    from tapestry_aggregator.parts import check_parallel
+    from tapestry_protocol import pod
+    from tapestry_protocol.layout import check_part
+
+    if args.part is not None:
+        part = int(args.part)
+    else:
+        index = os.environ.get(pod.JOB_COMPLETION_INDEX, "0")
+        if not index.isdigit():
+            raise ValueError(f"${pod.JOB_COMPLETION_INDEX} is {index!r}, not a part index")
+        part = int(index)
+    check_part(part, args.parts)
+    check_parallel(strategy, args.parts)
+    if args.parts > 1 and args.close:
+        raise ValueError(
+            "--close closes the round in one process only: close it first "
+            "(tapestry aggregate --close, or the coordinator), then run the parts"
+        )
+    if args.commit and args.parts == 1:
+        raise ValueError("--commit commits a round merged in parts: give --parts K (K > 1)")
+    return part
 
 
 def _with_validation_margin(args: argparse.Namespace, strategy: Strategy) -> Strategy:

@@ -419,12 +419,30 @@ def build_aggregator_job(
         image = federation.trainer_image
         data = _data_volume(held_out.claim_name, held_out.path)
         command += ["--validation-data", pod.DATA_MOUNT]
-    return _coordinator_job(
+    parts = federation.aggregation_parallelism
+    if parts > 1:  # each pod's part is its JOB_COMPLETION_INDEX; part 0 commits
+        command += ["--parts", str(parts)]
+    job = _coordinator_job(
         federation, owner, aggregator_job_name(federation.name, round_config.round),
         AGGREGATOR, image, command,
         labels(AGGREGATOR, federation.name, **{api.LABEL_ROUND: str(round_config.round)}),
         traceparent, data,
     )  # fmt: skip
+    if parts > 1:
+        _index_parts(job["spec"], parts)
+    return job
+
+
+def _index_parts(spec: Obj, parts: int) -> None:
+    """An Indexed Job of `parts` pods that run at once (the parts wait for each other);
+    a crashed pod's index alone is re-run, within its own backoff budget."""
+    spec.update(
+        completionMode="Indexed",
+        completions=parts,
+        parallelism=parts,
+        backoffLimitPerIndex=JOB_BACKOFF_LIMIT,
+    )
+    del spec["backoffLimit"]  # with a per-index limit it defaults to unlimited
 
 
 def build_bootstrap_job(federation: FederationConfig, owner: Mapping[str, Any]) -> Obj:

@@ -155,6 +155,7 @@ class FederationConfig:
     max_rounds: int | None
     generation: int = 0
     validation_data: HeldOutData | None = None  # the validation floor's held-out set
+    aggregation_parallelism: int = 1  # spec.aggregation.parallelism: aggregator pods
 
     @property
     def layout(self) -> Layout:
@@ -201,6 +202,7 @@ class FederationConfig:
             max_rounds=auto.get("maxRounds"),
             generation=meta.get("generation", 0),
             validation_data=HeldOutData.from_spec(agg.get("validation")),
+            aggregation_parallelism=agg.get("parallelism", 1),
         )
 
 

@@ -6,11 +6,13 @@
     federations/<fed>/rounds/<round>/updates/<participant>/{manifest.json, part-NNNNN-<hash>...}
     federations/<fed>/rounds/<round>/close.json
     federations/<fed>/rounds/<round>/result.json
+    federations/<fed>/rounds/<round>/parts/<K>/<k>-{check,merge}.json
     federations/<fed>/optimizer/<round>/{manifest.json, part-NNNNN-<hash>.safetensors}
 
 `bases/<r>` is the model that round r trains from; round r's result publishes
 `bases/<r+1>` and `optimizer/<r+1>` (the outer-optimizer state that goes with it).
-Rounds are zero-padded so that listing returns them in order.
+Rounds are zero-padded so that listing returns them in order. `parts/<K>/` holds what
+the K parts of a scaled-out aggregation exchange before the one commit of the result.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ def round_dir(round_number: int) -> str:
     if not 0 <= round_number <= MAX_ROUND:
         raise ValueError(f"round must be between 0 and {MAX_ROUND}, got {round_number}")
     return f"{round_number:06d}"
+
+
+MAX_PARTS = 999  # three digits: a scaled-out aggregation has at most this many parts
+
+
+def check_part(part: int, parts: int) -> None:
+    """A part index `part` of `parts`: 0 <= part < parts <= MAX_PARTS."""
+    if not 1 <= parts <= MAX_PARTS:
+        raise ValueError(f"parts must be between 1 and {MAX_PARTS}, got {parts}")
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be between 0 and {parts - 1} (of {parts}), got {part}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,14 @@ class Layout:
 
     def close(self, round_number: int) -> str:
         return self.round_prefix(round_number) + "close.json"
+
+    def part(self, round_number: int, part: int, parts: int, phase: str) -> str:
+        """Part `part` of `parts`' `phase` object ("check" or "merge"); K is in the key,
+        so runs with another number of parts never meet."""
+        check_part(part, parts)
+        if phase not in ("check", "merge"):
+            raise ValueError(f"a part's phase is check or merge, not {phase!r}")
+        return f"{self.round_prefix(round_number)}parts/{parts:03d}/{part:03d}-{phase}.json"
 
     def receipt(self, round_number: int, participant: str, state: str) -> str:
         """`state` is a receipt state (Accepted, Declined, Failed); one object each."""

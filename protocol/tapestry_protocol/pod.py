@@ -28,6 +28,8 @@ DP_CLIP_NORM = "TAPESTRY_DP_CLIP_NORM"  # L2 bound of the whole delta before noi
 DP_DELTA = "TAPESTRY_DP_DELTA"  # the delta epsilon is reported at
 STORE_CREDENTIALS_DIR = "TAPESTRY_S3_CREDENTIALS_DIR"  # read by the store itself
 TRACEPARENT = "TRACEPARENT"
+# Set by Kubernetes in each pod of an Indexed Job: the aggregator part's index.
+JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 
 # --- mounted paths ------------------------------------------------------------------
 SIGNING_KEY_DIR = "/var/run/tapestry/signing"  # Secret with `signing.key`

@@ -377,6 +377,21 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         ["spec.aggregation.validation.data.path", "must be relative"],
     ),
     (
+        "validation-with-parallel-aggregation",
+        federation,
+        _set(
+            "aggregation",
+            {"parallelism": 2, "validation": {"margin": 0.1, "data": {"claimName": "held"}}},
+        ),
+        ["spec.aggregation", "needs aggregation.parallelism 1"],
+    ),
+    (
+        "parallelism-zero",
+        federation,
+        _set("aggregation", {"parallelism": 0}),
+        ["spec.aggregation.parallelism", "should be greater than or equal to 1"],
+    ),
+    (
         "default-deadline-above-maximum",
         federation,
         _set("roundDefaults", {"deadline": "721h"}),
