@@ -151,6 +151,7 @@ def test_minimal_objects_are_accepted_with_their_defaults(kube: Kube, crds: None
         "weighting": "tokens",
         "clipping": {"mode": "none"},
         "combine": {"rule": "mean", "trim": 0.1},
+        "parallelism": 1,
     }
     assert spec["roundDefaults"] == {
         "innerSteps": 40,
