@@ -415,17 +415,12 @@ def test_participant_status_shows_epsilon_per_round_and_latest(
 def test_the_privacy_benchmark_runs_quick(tmp_path: Path) -> None:
     """bench/privacy.py --quick: a run without privacy and one with, each reporting its
     pooled validation loss, the private one its epsilon as dp_accounting computes it."""
+    from tests.bench.harness import run_quick
     from tests.e2e.texts import write_corpora
 
     data = write_corpora(tmp_path / "text")
-    out = tmp_path / "privacy.json"
-    command = [
-        sys.executable, str(ROOT / "bench" / "privacy.py"), "--quick", "--data", str(data),
-        "--workdir", str(tmp_path / "work"), "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_quick("privacy.py", tmp_path / "privacy.json", "--data", str(data),
+                       "--workdir", str(tmp_path / "work"), timeout=1200)  # fmt: skip
     off, noised = report["levels"]
     assert off["noiseMultiplier"] == 0 and off["epsilon"] is None
     assert noised["noiseMultiplier"] == 1.0 and noised["rounds"] == 2
