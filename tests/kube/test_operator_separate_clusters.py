@@ -251,9 +251,9 @@ def test_two_rounds_across_separate_clusters(consortium: Consortium) -> None:
     assert plan.base.sha256 == result.next_base.sha256  # round 1 trained from round 0's base
     assert read_result(c.store, layout, 1, key).document.next_base is not None
     for member in MEMBERS:
-        body = c.parties[member].client.get(
-            f"/apis/{API}/namespaces/{NAMESPACE}/participants/{member}"
-        )
+        path = f"/apis/{API}/namespaces/{NAMESPACE}/participants/{member}"
+        body = wait_for(c.parties[member].client, path, verdict_seen(1), 120,
+                        f"Participant {member} to see round 1's result", c.diagnose)  # fmt: skip
         assert {r["round"]: r["state"] for r in body["status"]["rounds"]} == {
             0: "Merged", 1: "Merged",
         }, body["status"]  # fmt: skip
