@@ -131,6 +131,18 @@ PRESETS: dict[str, GPTConfig] = {
         positions="rope",
         norm="rmsnorm",
     ),
+    # GPT-2-medium-like (24 x 1024, 16 heads): the GPU throughput benchmark's model.
+    "350m": GPTConfig(
+        name="350m",
+        d_model=1024,
+        n_layers=24,
+        n_heads=16,
+        d_ff=3456,
+        max_seq_len=1024,
+        mlp="swiglu",
+        positions="rope",
+        norm="rmsnorm",
+    ),
     "1b": GPTConfig(
         name="1b",
         d_model=2048,
@@ -170,7 +182,7 @@ class ModelSpec:
 
     @classmethod
     def preset(cls, name: str, *, seed: int = 0, **overrides: Any) -> ModelSpec:
-        """A built-in preset (``tiny``, ``small``, ``base``, ``1b``), optionally altered."""
+        """A built-in preset (one of :data:`PRESETS`), optionally altered."""
         if name not in PRESETS:
             raise SpecError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(gpt=replace(PRESETS[name], **overrides), seed=seed)
