@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic
@@ -194,11 +195,24 @@ def upload_shard(
 ) -> ShardRef:
     """Encode and upload one content-addressed shard. One already there (a retry, a
     racing twin) is by construction the same bytes, so it is kept."""
+    data, digest = _encode_shard(tensors, names, encoding)
+    return _put_shard(store, directory, index, names, data, digest)
+
+
+def _encode_shard(
+    tensors: Mapping[str, FloatArray], names: list[str], encoding: str
+) -> tuple[bytes, str]:
+    """A shard's safetensors bytes and their sha256."""
     stored: dict[str, Tensor] = {}
     for name in names:
         stored.update(encode_delta(name, tensors[name], encoding))
     data = encode_safetensors(stored)
-    digest = sha256_hex(data)
+    return data, sha256_hex(data)
+
+
+def _put_shard(
+    store: ObjectStore, directory: str, index: int, names: list[str], data: bytes, digest: str
+) -> ShardRef:
     key = directory + shard_name(index, digest)
     try:
         store.put(key, data, if_absent=True)
@@ -215,10 +229,21 @@ def _upload_shards(
     tensors: Mapping[str, FloatArray],
     encoding: str,
 ) -> list[ShardRef]:
-    return [
-        upload_shard(store, directory, i, tensors, group, encoding)
-        for i, group in enumerate(groups)
-    ]
+    """Upload the shards in order, encoding and hashing the next one while the current
+    one uploads (both mostly run outside the GIL): the CPU work hides behind the
+    network. At most two encoded shards are held at once."""
+    refs: list[ShardRef] = []
+    if not groups:
+        return refs
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-encode") as encoder:
+        following = encoder.submit(_encode_shard, tensors, groups[0], encoding)
+        for index, names in enumerate(groups):
+            data, digest = following.result()
+            if index + 1 < len(groups):
+                following = encoder.submit(_encode_shard, tensors, groups[index + 1], encoding)
+            refs.append(_put_shard(store, directory, index, names, data, digest))
+            del data
+    return refs
 
 
 def commit_document(store: ObjectStore, key: str, document: D, signer: SigningKey) -> Verified[D]:

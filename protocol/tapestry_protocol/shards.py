@@ -112,8 +112,12 @@ def encode_safetensors(
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    parts = [struct.pack("<Q", len(header_bytes)), header_bytes]
-    parts += [np.ascontiguousarray(tensors[n].array).tobytes() for n in sorted(tensors)]
+    # join() copies straight from the arrays' buffers (flat uint8 views of the same
+    # bytes): one copy of the data, where tobytes() and then join() would make two.
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(header_bytes)), header_bytes]
+    for name in sorted(tensors):
+        flat = np.ascontiguousarray(tensors[name].array).reshape(-1)
+        parts.append(flat.view(np.uint8).data)
     return b"".join(parts)
 
 

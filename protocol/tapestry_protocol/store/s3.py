@@ -42,7 +42,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, get_args
+from typing import BinaryIO, Literal, cast, get_args
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
@@ -380,7 +380,17 @@ class S3Store(ObjectStore):
     # -- writing -------------------------------------------------------------------
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
-        return self._upload(key, io.BytesIO(data), len(data), if_absent)
+        """In memory already, so the parts are slices of `data`, sent without copies."""
+        name = self._name(key)
+        size = len(data)
+        if if_absent and size > self.part_size and not self._has_native_conditional_multipart():
+            return self._put_streamed(key, name, io.BytesIO(data))
+        part_size = self._part_size_for(size)
+        if size <= part_size:
+            return self._put_single(key, name, data, if_absent)
+        view = memoryview(data).cast("B")
+        parts = (view[o : o + part_size] for o in range(0, size, part_size))
+        return self._put_multipart(key, name, parts, if_absent)
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo:
         with open(path, "rb") as f:
@@ -519,7 +529,7 @@ class S3Store(ObjectStore):
         return ObjectInfo(key, len(data), result.etag or "")
 
     def _put_multipart(
-        self, key: str, name: str, parts: Iterator[bytes], if_absent: bool
+        self, key: str, name: str, parts: Iterator[bytes | memoryview], if_absent: bool
     ) -> ObjectInfo:
         # If-None-Match on the start too lets MinIO refuse a taken key before any part.
         write_id, headers = self._write_headers(if_absent)
@@ -536,7 +546,7 @@ class S3Store(ObjectStore):
             raise
 
     def _upload_parts(
-        self, key: str, name: str, upload_id: str, parts: Iterator[bytes]
+        self, key: str, name: str, upload_id: str, parts: Iterator[bytes | memoryview]
     ) -> tuple[list[str], int]:
         """Send parts with at most `max_workers` in flight; return their etags and size."""
         slots = threading.BoundedSemaphore(self.max_workers)
@@ -544,13 +554,15 @@ class S3Store(ObjectStore):
         futures: list[Future[str]] = []
         size = 0
 
-        def send(number: int, data: bytes) -> str:
+        def send(number: int, data: bytes | memoryview) -> str:
+            # The SDK hashes and sends any buffer; its annotation says bytes.
+            body = cast(bytes, data)
             try:
                 return self._call(
                     f"upload part {number} of",
                     key,
                     lambda: self._client._upload_part(
-                        self.bucket, name, data, None, upload_id, number
+                        self.bucket, name, body, None, upload_id, number
                     ),
                 )
             except BaseException:
