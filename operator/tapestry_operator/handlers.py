@@ -8,9 +8,11 @@ retries, so they never run on the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 Reconcile = Callable[[Kube, dict[str, Any], datetime], Visit]
 ERROR_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
 ROLES = ("coordinator", "participant", "both")
+# Reconciles block on store and API calls, so each kind of object gets its own threads:
+# a backlog of Participant visits (one per member, each polling) never delays a round's
+# plan or close, and the visits are not capped by asyncio's default pool (CPUs + 4).
+WORKERS = {api.FEDERATIONS: 2, api.ROUNDS: 4, api.PARTICIPANTS: 16}
 
 
 async def _run(
@@ -36,7 +42,9 @@ async def _run(
     stopped: kopf.DaemonStopped,
     body: kopf.Body,
     logger: logging.Logger | logging.LoggerAdapter[Any],
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
+    loop = asyncio.get_running_loop()
     failures = 0
     generation = None
     while not stopped:
@@ -45,9 +53,14 @@ async def _run(
         meta = snapshot["metadata"]
         started = time.perf_counter()
         try:
-            visit = await asyncio.to_thread(reconcile, kube, snapshot, datetime.now(UTC))
-            await asyncio.to_thread(
-                kube.patch_status, meta["namespace"], plural, meta["name"], visit.status
+            visit = await loop.run_in_executor(
+                executor, reconcile, kube, snapshot, datetime.now(UTC)
+            )
+            await loop.run_in_executor(
+                executor,
+                functools.partial(
+                    kube.patch_status, meta["namespace"], plural, meta["name"], visit.status
+                ),
             )
             for kind, reason, message in visit.events:
                 kopf.event(body, type=kind, reason=reason, message=message)
@@ -87,6 +100,7 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
     def daemon(plural: str, reconcile: Reconcile) -> None:
         # Zero from the start, so the error rate is defined before the first error.
         metrics().reconcile_errors.add(0, {catalog.RESOURCE: plural})
+        executor = ThreadPoolExecutor(WORKERS[plural], thread_name_prefix=f"tapestry-{plural}")
 
         @kopf.daemon(
             api.GROUP, api.VERSION, plural, registry=registry, id=f"tapestry-{plural}",
@@ -99,7 +113,7 @@ def register(registry: kopf.OperatorRegistry, role: str, kube: Kube) -> None:
             logger: logging.Logger | logging.LoggerAdapter[Any],
             **_: Any,
         ) -> None:
-            await _run(reconcile, plural, kube, stopped, body, logger)
+            await _run(reconcile, plural, kube, stopped, body, logger, executor)
 
     if role in ("coordinator", "both"):
         daemon(api.FEDERATIONS, reconcile_federation)
