@@ -1,27 +1,36 @@
-"""Benchmark: streaming aggregation against the load-everything way, same store, same run.
+"""Benchmark: streaming aggregation against plain read and the load-everything way.
 
-For N participants with deltas of `--model-mib` each, three measurements run, each in a
-fresh child process so that its peak RSS is its own:
+A grid of cells, each N participants with fp32 deltas of M MiB (a model-size axis at
+fixed N and a participant axis at fixed M), on a filesystem store and on MinIO. Per
+cell, measured side by side in fresh child processes (so each peak RSS is its own):
 
 - read:      merely read every delta shard from the store (the floor for any merge);
-- naive:     what Flower/NVFlare-style aggregators do: load every delta into memory,
-             then average, then write the new base;
-- streaming: `tapestry_aggregator.merge.aggregate_round`, with full verification.
+- streaming: `tapestry_aggregator.merge.aggregate_round`, with full verification;
+- naive:     load every delta into memory, then average, then write the new base
+             (skipped where N x M would exceed `--naive-max-gib`).
 
-Usage: python bench/aggregate.py --stores fs,minio --participants 2,8,16 --out FILE
+read and streaming alternate (read, streaming, naive, read, streaming) and the faster
+of each pair is reported. Throughput per core is delta bytes / CPU seconds, where CPU
+seconds are the measuring process's plus the store server's (MinIO) during the
+measurement: GB/s per core = bytes / wall / cores used, cores used = CPU s / wall.
+`--profile` adds a per-thread CPU profile (cProfile on `time.thread_time`) of one merge.
+
+Usage: python bench/aggregate.py [--quick] [--stores fs,minio] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import hashlib
 import json
-import os
-import platform
+import pstats
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +38,11 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import header, write
+
 FEDERATION = "bench"
+MIB = 1 << 20
 
 
 def _store(url: str) -> Any:
@@ -85,8 +98,30 @@ def setup(url: str, participants: int, model_mib: int, shard_mib: int, workdir: 
     close_round(store, layout, plan, coordinator, CloseTrigger.ALL_REPORTED, datetime.now(UTC))
 
 
-def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
-    """Run one measurement in this process; returns wall seconds and peak RSS."""
+def _clear(store: Any, layout: Any) -> None:
+    """Remove round 0's outputs so that a measurement writes them afresh."""
+    for prefix in (layout.result(0), layout.base_dir(1), layout.optimizer_dir(1),
+                   layout.round_prefix(0) + "parts/"):  # fmt: skip
+        for info in list(store.list(prefix)):
+            store.delete(info.key)
+
+
+def outputs_hash(store: Any, layout: Any) -> str:
+    """sha256 over the result, the next base and optimizer state (keys and bytes)."""
+    digest = hashlib.sha256()
+    for prefix in (layout.result(0), layout.base_dir(1), layout.optimizer_dir(1)):
+        for info in sorted(store.list(prefix), key=lambda i: i.key):
+            digest.update(info.key.encode() + b"\0" + store.get(info.key))
+    return digest.hexdigest()
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(kind: str, url: str, workdir: Path) -> dict[str, Any]:
+    """Run one measurement in this process: wall and CPU seconds, peak RSS."""
     from tapestry_aggregator.merge import aggregate_round
     from tapestry_aggregator.strategy import Strategy, compute_weights
     from tapestry_protocol.exchange import (
@@ -104,15 +139,12 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
     store, layout = _store(url), Layout(FEDERATION)
     signer = load_signing_key(COORDINATOR, workdir / f"{COORDINATOR}.key")
     key = signer.public_key_text
-    for info in list(store.list(layout.result(0))) + list(store.list(layout.base_dir(1))):
-        store.delete(info.key)
-    for info in list(store.list(layout.optimizer_dir(1))):
-        store.delete(info.key)
+    _clear(store, layout)
     plan = read_plan(store, layout, 0, key)
     base = read_plan_base(store, layout, plan, key)
     names = plan.document.names
     updates = {n: read_update(store, layout, plan, base, n) for n in names}
-    started = time.perf_counter()
+    cpu, started = _cpu_s(), time.perf_counter()
     if kind == "read":
         for update in updates.values():
             for ref in update.document.shards:
@@ -141,10 +173,71 @@ def measure(kind: str, url: str, workdir: Path) -> dict[str, float]:
                 total += np.float32(weights[n]) * deltas[n][t]
             new[t] = value - total
         publish_model(store, layout, 1, new, base.document.groups, signer)
+    elif kind == "profile":
+        stats = _profiled(lambda: aggregate_round(store, layout, 0, signer, Strategy("fedavg")))
     else:
         aggregate_round(store, layout, 0, signer, Strategy("fedavg"))
-    wall = time.perf_counter() - started
-    return {"seconds": wall, "peakRssMiB": peak_rss_kib() / 1024}
+    wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
+    out: dict[str, Any] = {"seconds": wall, "cpuSeconds": cpu, "peakRssMiB": peak_rss_kib() / 1024}
+    if kind == "streaming":
+        out["outputsSha256"] = outputs_hash(store, layout)
+    if kind == "profile":
+        out["profile"] = stats
+    return out
+
+
+# Where the merge's CPU time goes: functions (pstats keys' file:name) by category.
+CATEGORIES = {
+    "hashing (sha256)": ("sha256", "openssl_sha256", "hexdigest", "'update' of '_hashlib"),
+    "store I/O (read, write, HTTP)": ("method 'read'", "method 'write'", "readinto", "recv",
+                                      "sendall", "send'", "posix.open", "io.open", "fsync",
+                                      "replace", "rename", "posix.stat", "urllib3"),
+    "decode and checks (safetensors, dot)": ("decode", "frombuffer", "dot", "isfinite",
+                                             "_checked_norm_sq", "json.loads", "loads"),
+    "accumulate and outer step (NumPy)": ("merge_shards", "outer_step", "_step_shard"),
+    "encode new base (tobytes, copy)": ("encode", "tobytes", "join", "ascontiguousarray"),
+    "signatures": ("sign", "verify", "ed25519"),
+}  # fmt: skip
+
+
+def _profiled(run: Any) -> dict[str, Any]:
+    """Run `run` with a CPU-time profiler in every thread; summarise self time by
+    category (cProfile alone would see only the main thread)."""
+    profiles: list[cProfile.Profile] = []
+    original = threading.Thread.run
+
+    def profiled_run(thread: threading.Thread) -> None:
+        profile = cProfile.Profile(time.thread_time)
+        profiles.append(profile)
+        profile.runcall(original, thread)
+
+    threading.Thread.run = profiled_run  # type: ignore[method-assign,assignment]
+    main = cProfile.Profile(time.thread_time)
+    try:
+        main.runcall(run)
+    finally:
+        threading.Thread.run = original  # type: ignore[method-assign]
+    stats = pstats.Stats(main)
+    for profile in profiles:
+        stats.add(profile)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    top = []
+    for (file, line, name), (_, _, tottime, _, _) in raw.items():
+        label = f"{Path(file).name}:{line}({name})"
+        top.append((tottime, label))
+        key = f"{file}:{name}"
+        for category, needles in CATEGORIES.items():
+            if any(n in key for n in needles):
+                totals[category] += tottime
+                break
+        else:
+            totals["other"] += tottime
+    top.sort(reverse=True)
+    return {
+        "cpuSecondsByCategory": {k: round(v, 3) for k, v in totals.items()},
+        "topSelfTime": [{"function": f, "cpuSeconds": round(t, 3)} for t, f in top[:15]],
+    }
 
 
 def peak_rss_kib() -> int:
@@ -156,14 +249,24 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _child(kind: str, url: str, workdir: Path) -> dict[str, float]:
+def _proc_cpu_s(pid: int | None) -> float:
+    """A server process's CPU seconds so far (user + system), 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks
+
+
+def _child(kind: str, url: str, workdir: Path, server_pid: int | None) -> dict[str, Any]:
+    before = _proc_cpu_s(server_pid)
     out = subprocess.run(
         [sys.executable, __file__, "--measure", kind, "--url", url, "--workdir", str(workdir)],
         check=True,
         capture_output=True,
         text=True,
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["serverCpuSeconds"] = _proc_cpu_s(server_pid) - before
     return result
 
 
@@ -175,12 +278,86 @@ def _start_minio(tmp: Path) -> tuple[str, Any]:
     return server.url_for("bench"), server
 
 
+def _throughput(bytes_read: int, m: dict[str, Any]) -> dict[str, float]:
+    """GB/s wall, cores used (CPU s / wall, client plus store server), GB/s per core."""
+    cpu = m["cpuSeconds"] + m["serverCpuSeconds"]
+    return {
+        "gbPerS": bytes_read / m["seconds"] / 1e9,
+        "coresUsed": cpu / m["seconds"],
+        "gbPerSPerCore": bytes_read / cpu / 1e9,
+    }
+
+
+def run_cell(
+    store_kind: str, n: int, model_mib: int, shard_mib: int, naive_max_gib: float, profile: bool
+) -> dict[str, Any]:
+    """Set up one cell's round, measure it, delete its data."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"tapestry-bench-{store_kind}-"))
+    server = None
+    try:
+        if store_kind == "fs":
+            url = str(tmp / "store")
+        else:
+            url, server = _start_minio(tmp)
+        pid = server.proc.pid if server is not None and server.proc is not None else None
+        tag = f"[{store_kind} N={n} M={model_mib} MiB]"
+        print(f"{tag} writing {n} deltas", flush=True)
+        setup(url, n, model_mib, shard_mib, tmp)
+        row: dict[str, Any] = {"store": store_kind, "participants": n, "modelMiB": model_mib}
+        runs: dict[str, list[dict[str, Any]]] = {"read": [], "streaming": [], "naive": []}
+        naive = n * model_mib / 1024 <= naive_max_gib
+        order = ["read", "streaming"] + (["naive"] if naive else []) + ["read", "streaming"]
+        for kind in order:
+            m = _child(kind, url, tmp, pid)
+            runs[kind].append(m)
+            cpu = m["cpuSeconds"] + m["serverCpuSeconds"]
+            print(f"  {kind:9s} {m['seconds']:7.2f} s {cpu:7.2f} CPU s "
+                  f"{m['peakRssMiB']:7.0f} MiB", flush=True)  # fmt: skip
+        delta_bytes = n * model_mib * MIB
+        row["deltaBytes"] = delta_bytes
+        for kind, ms in runs.items():
+            if ms:
+                best = min(ms, key=lambda m: m["seconds"])
+                row[kind] = {**best, **_throughput(delta_bytes, best), "runs": ms}
+            else:
+                row[kind] = {"skipped": f"N x M above {naive_max_gib:g} GiB in memory"}
+        row["streamingOverRead"] = row["streaming"]["seconds"] / row["read"]["seconds"]
+        row["sameOutputs"] = len({m["outputsSha256"] for m in runs["streaming"]}) == 1
+        row["rssTargetMiB"] = shard_mib + 512
+        row["rssMet"] = row["streaming"]["peakRssMiB"] <= row["rssTargetMiB"]
+        if profile:
+            print(f"{tag} profiling one merge", flush=True)
+            row["profile"] = _child("profile", url, tmp, pid)
+        return row
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cells(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(N, M) pairs: the size axis at --fixed-n, the participant axis at --fixed-mib."""
+    cells = [(args.fixed_n, m) for m in _ints(args.sizes)]
+    cells += [(n, args.fixed_mib) for n in _ints(args.participants)]
+    return list(dict.fromkeys(cells))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fs store, N=2, 16 MiB")
     parser.add_argument("--stores", default="fs,minio")
-    parser.add_argument("--participants", default="2,8,16")
-    parser.add_argument("--model-mib", type=int, default=256)
+    parser.add_argument("--sizes", default="64,256,1024", help="model MiB at --fixed-n")
+    parser.add_argument("--fixed-n", type=int, default=4)
+    parser.add_argument("--participants", default="2,8,16,32,64", help="N at --fixed-mib")
+    parser.add_argument("--fixed-mib", type=int, default=64)
     parser.add_argument("--shard-mib", type=int, default=32)
+    parser.add_argument("--naive-max-gib", type=float, default=12.0)
+    parser.add_argument("--minio-cells", default="", help="N:MiB,... for MinIO (default: the grid)")
+    parser.add_argument("--profile-cell", default="fs,16,64", help="store,N,MiB to profile")
     parser.add_argument("--out", type=Path, default=Path("bench/results/aggregate.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -192,51 +369,28 @@ def main() -> None:
         keep_freed_memory()  # as `tapestry aggregate` does
         print(json.dumps(measure(args.measure, args.url, args.workdir)))
         return
+    if args.quick:
+        args.stores, args.sizes, args.fixed_n, args.participants = "fs", "16", 2, ""
+        args.shard_mib, args.profile_cell = 4, "fs,2,16"
     rows = []
     for store_kind in args.stores.split(","):
-        for n in [int(x) for x in args.participants.split(",")]:
-            tmp = Path(tempfile.mkdtemp(prefix=f"tapestry-bench-{store_kind}-"))
-            server = None
-            try:
-                if store_kind == "fs":
-                    url = str(tmp / "store")
-                else:
-                    url, server = _start_minio(tmp)
-                print(
-                    f"[{store_kind} N={n}] writing {n} deltas of {args.model_mib} MiB", flush=True
-                )
-                setup(url, n, args.model_mib, args.shard_mib, tmp)
-                row: dict[str, Any] = {"store": store_kind, "participants": n}
-                for kind in ("read", "streaming", "naive"):
-                    row[kind] = _child(kind, url, tmp)
-                    print(
-                        f"  {kind:9s} {row[kind]['seconds']:7.2f} s "
-                        f"{row[kind]['peakRssMiB']:8.0f} MiB",
-                        flush=True,
-                    )
-                row["streamingOverRead"] = row["streaming"]["seconds"] / row["read"]["seconds"]
-                row["rssTargetMiB"] = args.model_mib + 512
-                rows.append(row)
-            finally:
-                if server is not None:
-                    server.stop()
-                shutil.rmtree(tmp, ignore_errors=True)
-    report = {
-        "benchmark": "aggregate",
-        "modelMiB": args.model_mib,
+        cells = _cells(args)
+        if store_kind == "minio" and args.minio_cells:
+            cells = [
+                (int(c.split(":")[0]), int(c.split(":")[1])) for c in args.minio_cells.split(",")
+            ]
+        for n, mib in cells:
+            profile = args.profile_cell == f"{store_kind},{n},{mib}"
+            rows.append(run_cell(store_kind, n, mib, args.shard_mib, args.naive_max_gib, profile))
+    report = header("aggregate", args.quick, "aggregate.py")
+    report.update({
         "shardMiB": args.shard_mib,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "memoryGiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-        },
-        "date": time.strftime("%Y-%m-%d"),
+        "rssTarget": "one shard (shardMiB) + 512 MiB",
+        "throughput": "delta bytes (N x M) / CPU seconds of the measuring process plus "
+                      "the store server; GB = 1e9 bytes; best of two runs by wall time",
         "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    })  # fmt: skip
+    write(args.out, report)
 
 
 if __name__ == "__main__":
