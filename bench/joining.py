@@ -423,7 +423,7 @@ def plot(report: Mapping[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = report["participants"]
+    names, size = report["participants"], report["size"]
     sets = [*names, POOLED]
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.6), sharey=False)
     for ax, where in zip(axes, sets, strict=True):
@@ -434,22 +434,23 @@ def plot(report: Mapping[str, Any], out: Path) -> None:
             xs = np.arange(len(points))
             mean = np.array([p["mean"] for p in points])
             std = np.array([p["std"] for p in points])
-            label = data["label"] + (" (best)" if arm == "local" and where == POOLED else "")
+            label = data["label"] + (" (pooled: the best model)" if arm == "local" else "")
             (line,) = ax.plot(xs[1:], mean[1:], marker="o", ms=3, label=label)
             ax.fill_between(xs[1:], (mean - std)[1:], (mean + std)[1:], alpha=0.2,
                             color=line.get_color())  # fmt: skip
         ax.set_title(f"held-out: {where}")
         ax.set_xlabel("round")
+        ax.set_xticks(range(1, size["rounds"] + 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss (nats/byte)")
-    axes[-1].legend(fontsize=7)
-    size = report["size"]
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(
         f"tiny GPT, {len(names)} participants, {size['rounds']} rounds x "
         f"{size['innerSteps']} steps, {len(size['seeds'])} seeds (mean ± std), equal tokens",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     print(f"wrote {out}", flush=True)
