@@ -46,12 +46,17 @@ kube-demo: setup testbin
 operator: setup
 	$(PY) -m tapestry_operator --role both --log-format text
 
-## bench: aggregation (streaming vs load-everything), cluster start, attacks x robust policies, the cost of differential privacy; results in bench/results/
+## bench: aggregation (streaming vs plain read vs load-everything, scale-out over K parts), transfer, operator scale, the case for joining, cluster start, attacks x robust policies, the cost of differential privacy; results in bench/results/
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
 	$(PY) bench/robust.py --out bench/results/robust.json
 	$(PY) bench/privacy.py --out bench/results/privacy.json
+	$(PY) bench/scaleout.py --out bench/results/scaleout.json
+	$(PY) bench/transfer.py --out bench/results/transfer.json
+	$(PY) bench/operator_scale.py --members 50 100 200 --out bench/results/operator-scale.json
+	$(PY) -m pip install --quiet -e '.[docs]'
+	$(PY) bench/joining.py --out bench/results/joining.json --plot docs/images/joining.png
 
 ## dashboards: regenerate the Grafana dashboards; draw docs/images/dashboard-*.png from a demo
 .PHONY: dashboards
