@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import header, write
+from report import header, proc_cpu_s, proc_status_kib, write
 
 FEDERATION = "bench"
 MIB = 1 << 20
@@ -241,20 +241,13 @@ def _profiled(run: Any) -> dict[str, Any]:
 
 
 def peak_rss_kib() -> int:
-    """This process's peak RSS. Not ru_maxrss: Linux carries that over from the parent
-    through fork and exec, so a child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak RSS (VmHWM)."""
+    return int(proc_status_kib("VmHWM"))
 
 
 def _proc_cpu_s(pid: int | None) -> float:
     """A server process's CPU seconds so far (user + system), 0 without one."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks
+    return 0.0 if pid is None else float(proc_cpu_s(pid))
 
 
 def _child(kind: str, url: str, workdir: Path, server_pid: int | None) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import http.client
 import json
-import os
 import shutil
 import socket
 import sys
@@ -54,7 +53,7 @@ BEGAN = time.monotonic()
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import header, write  # noqa: E402
+from report import header, proc_cpu_s, proc_status_kib, write  # noqa: E402
 
 from tapestry_operator.builders import aggregator_job_name, training_job_name  # noqa: E402
 from tapestry_operator.coordinator import POLL  # noqa: E402
@@ -94,7 +93,6 @@ QUEUE = "held"  # a Kueue queue nobody serves: the Jobs stay suspended
 ROUND = f"{FEDERATION}-round-0"
 TENSORS = 4  # the synthetic model: 4 fp32 tensors of 64 x 64 (64 KiB per update)
 SHAPE = (64, 64)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def say(message: str) -> None:
@@ -121,14 +119,10 @@ class ProcStats:
         self._thread.start()
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+        return float(proc_cpu_s(self.pid))
 
     def status_kib(self, key: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-        return 0
+        return int(proc_status_kib(key, self.pid))
 
     def _sample(self) -> None:
         """VmRSS every 0.5 s, a check on VmHWM (which the kernel keeps itself)."""

@@ -38,6 +38,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def proc_status_kib(key: str, pid: int | str = "self") -> int:
+    """A `/proc/<pid>/status` figure in KiB (VmHWM, VmRSS), 0 when absent. Peak RSS is
+    read as VmHWM, not ru_maxrss: Linux carries that over from the parent through fork
+    and exec, so a child would report its parent's peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def proc_cpu_s(pid: int | str = "self") -> float:
+    """A process's CPU seconds so far, user + system, from `/proc/<pid>/stat`."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def header(benchmark: str, quick: bool, script: str) -> dict[str, Any]:
     """The fields every result starts with."""
     return {

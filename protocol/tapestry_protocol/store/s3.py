@@ -383,7 +383,7 @@ class S3Store(ObjectStore):
         """In memory already, so the parts are slices of `data`, sent without copies."""
         name = self._name(key)
         size = len(data)
-        if if_absent and size > self.part_size and not self._has_native_conditional_multipart():
+        if self._must_stream(size, if_absent):
             return self._put_streamed(key, name, io.BytesIO(data))
         part_size = self._part_size_for(size)
         if size <= part_size:
@@ -401,11 +401,7 @@ class S3Store(ObjectStore):
 
     def _upload(self, key: str, stream: BinaryIO, size: int | None, if_absent: bool) -> ObjectInfo:
         name = self._name(key)
-        if (
-            if_absent
-            and (size is None or size > self.part_size)
-            and not self._has_native_conditional_multipart()
-        ):
+        if self._must_stream(size, if_absent):
             return self._put_streamed(key, name, stream)
         part_size = self._part_size_for(size)
         first = _read_full(stream, part_size)
@@ -415,6 +411,15 @@ class S3Store(ObjectStore):
         parts = _chain_parts([first, second], stream, part_size)
         del first, second
         return self._put_multipart(key, name, parts, if_absent)
+
+    def _must_stream(self, size: int | None, if_absent: bool) -> bool:
+        """A write-once object that may need several parts, on a server whose multipart
+        complete is not atomically conditional, goes the streamed way."""
+        return (
+            if_absent
+            and (size is None or size > self.part_size)
+            and not self._has_native_conditional_multipart()
+        )
 
     def _has_native_conditional_multipart(self) -> bool:
         """Does CompleteMultipartUpload evaluate If-None-Match atomically on this server?
