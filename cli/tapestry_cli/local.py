@@ -70,6 +70,13 @@ def add_parser(sub: Any) -> None:
         choices=ENCODINGS,
         help="how updates are stored (default: %(default)s)",
     )
+    run.add_argument(
+        "--error-feedback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with bf16 or int8, each participant keeps what rounding drops of its delta "
+        "and sends it next round (default: on)",
+    )
     run.add_argument("--nproc-per-participant", type=int, default=1, help="torchrun processes")
     run.add_argument(
         "--data",
@@ -541,6 +548,7 @@ class Federation:
             pod.WORKDIR: str(self.workdir),
             pod.PROGRESS: str(p.progress_file),
             pod.VERDICT: str(p.verdict_file),
+            pod.ERROR_FEEDBACK: "true" if self.args.error_feedback else "false",
         }
         if traceparent:
             env[pod.TRACEPARENT] = traceparent

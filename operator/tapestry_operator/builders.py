@@ -157,6 +157,17 @@ def _data_volume(claim: str, path: str) -> tuple[Obj, Obj]:
     return volume, mount
 
 
+def _work_volume(claim: str | None) -> tuple[Obj, Obj]:
+    """The trainer's work directory: an emptyDir, or the member's workspace PVC so
+    checkpoints and the error-feedback residual outlive the pod; each node of the Job
+    writes its own sub-directory there (node-<PET_NODE_RANK>)."""
+    mount: Obj = {"name": "work", "mountPath": pod.WORK_MOUNT}
+    if claim is None:
+        return {"name": "work", "emptyDir": {}}, mount
+    mount["subPathExpr"] = "node-$(PET_NODE_RANK)"
+    return {"name": "work", "persistentVolumeClaim": {"claimName": claim}}, mount
+
+
 def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in values.items()]
 
@@ -232,18 +243,14 @@ def build_training_job(
     volumes, mounts = _store_volumes(config)
     key_volume, key_mount = _signing_volume(config.signing_key)
     data_volume, data_mount = _data_volume(config.pvc, config.data_path)
+    work_volume, work_mount = _work_volume(config.workspace)
     volumes += [
         key_volume,
         data_volume,
-        {"name": "work", "emptyDir": {}},
+        work_volume,
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
     ]
-    mounts += [
-        key_mount,
-        data_mount,
-        {"name": "work", "mountPath": pod.WORK_MOUNT},
-        {"name": "shm", "mountPath": pod.SHM_MOUNT},
-    ]
+    mounts += [key_mount, data_mount, work_mount, {"name": "shm", "mountPath": pod.SHM_MOUNT}]
     env = {
         "PET_NNODES": str(config.nodes),
         "PET_NPROC_PER_NODE": str(config.procs_per_node),
@@ -269,6 +276,7 @@ def build_training_job(
         env[pod.LOADER_OPTIONS] = json.dumps(config.loader_options, sort_keys=True)
     if config.privacy is not None:
         env |= config.privacy.environment()
+    env[pod.ERROR_FEEDBACK] = "true" if config.error_feedback else "false"
     env = _with_telemetry(env, traceparent)
     resources = _gpu_resources(config.resources, config.gpus_per_node)
     container: Obj = {

@@ -301,6 +301,8 @@ class ParticipantConfig:
     history_limit: int
     generation: int = 0
     privacy: PrivacySpec | None = None
+    error_feedback: bool = True
+    workspace: str | None = None  # spec.workspace.claimName: a PVC for the work directory
 
     @property
     def layout(self) -> Layout:
@@ -344,4 +346,6 @@ class ParticipantConfig:
             history_limit=spec["historyLimit"],
             generation=meta.get("generation", 0),
             privacy=PrivacySpec.from_spec(spec.get("privacy")),
+            error_feedback=spec["errorFeedback"],
+            workspace=spec.get("workspace", {}).get("claimName"),
         )

@@ -185,6 +185,7 @@ def test_minimal_objects_are_accepted_with_their_defaults(kube: Kube, crds: None
     assert spec["data"] == {"pvc": "corpus", "path": ""}
     assert spec["admission"] == {"mode": "Automatic"}
     assert (spec["pollInterval"], spec["historyLimit"]) == ("30s", 3)
+    assert spec["errorFeedback"] is True and "workspace" not in spec
     assert "memberName" not in spec  # the default is metadata.name, resolved by the operator
 
 
@@ -223,6 +224,8 @@ def test_a_full_participant_round_trips(kube: Kube, crds: None) -> None:
         "admission": {"mode": "Manual", "approvedRounds": [1, 2], "deniedRounds": [3]},
         "pollInterval": "1m30s",
         "historyLimit": 0,
+        "errorFeedback": False,
+        "workspace": {"claimName": "germany-work"},
     }
     created = create(kube, participant(**spec))
     for key, value in spec.items():
@@ -517,6 +520,24 @@ INVALID: list[tuple[str, Callable[[], Obj], Mutation, list[str]]] = [
         participant,
         _set("privacy", {"noiseMultiplier": 1.0, "clipNorm": 1.0, "delta": 0}),
         ["spec.privacy.delta", "should be greater than 0"],
+    ),
+    (
+        "workspace-is-the-data-pvc",
+        participant,
+        _set("workspace", {"claimName": "corpus"}),
+        ["spec.workspace.claimName", "workspace.claimName must not be the data PVC"],
+    ),
+    (
+        "workspace-without-claim",
+        participant,
+        _set("workspace", {}),
+        ["spec.workspace.claimName", "Required value"],
+    ),
+    (
+        "error-feedback-not-a-boolean",
+        participant,
+        _set("errorFeedback", "yes"),
+        ["spec.errorFeedback", "must be of type boolean"],
     ),
 ]
 

@@ -330,6 +330,40 @@ def test_data_at_the_volume_root_has_no_sub_path() -> None:
     assert mounts_of(job)[pod.DATA_MOUNT]["readOnly"] is True
 
 
+def _job(**spec: Any) -> Obj:
+    body = participant_body(**spec)
+    return build_training_job(ParticipantConfig.from_body(body), ROUND, body)
+
+
+def test_without_a_workspace_the_work_directory_is_an_empty_dir() -> None:
+    job = _job()
+    assert volumes_of(job)["work"] == {"name": "work", "emptyDir": {}}
+    assert mounts_of(job)[pod.WORK_MOUNT] == {"name": "work", "mountPath": pod.WORK_MOUNT}
+
+
+def test_a_workspace_is_the_pvc_read_write_one_sub_directory_per_node() -> None:
+    job = _job(workspace={"claimName": "alpha-work"})
+    volume = volumes_of(job)["work"]
+    assert volume == {"name": "work", "persistentVolumeClaim": {"claimName": "alpha-work"}}
+    mount = mounts_of(job)[pod.WORK_MOUNT]
+    assert mount == {
+        "name": "work", "mountPath": pod.WORK_MOUNT, "subPathExpr": "node-$(PET_NODE_RANK)",
+    }  # fmt: skip
+    assert not mount.get("readOnly")
+    # The variable the sub-path expands is the container's own, from the completion index.
+    rank = {e["name"]: e for e in container(job)["env"]}["PET_NODE_RANK"]
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"].endswith("job-completion-index']")
+    # Checkpoints, the verdict and the residual all live under the work mount.
+    values = values_of(job)
+    assert values[pod.WORKDIR] == pod.WORK_MOUNT
+    assert values[pod.VERDICT].startswith(pod.WORK_MOUNT + "/")
+
+
+def test_error_feedback_is_on_by_default_and_can_be_turned_off() -> None:
+    assert values_of(_job())[pod.ERROR_FEEDBACK] == "true"
+    assert values_of(_job(errorFeedback=False))[pod.ERROR_FEEDBACK] == "false"
+
+
 def _secret_mounts(job: Obj) -> dict[str, Obj]:
     volumes = volumes_of(job)
     return {

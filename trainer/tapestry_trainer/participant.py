@@ -30,11 +30,12 @@ import torch.distributed as dist
 
 import tapestry_telemetry as telemetry
 from tapestry_protocol import pod
-from tapestry_protocol.documents import ModelManifest, Privacy, RoundPlan
+from tapestry_protocol.documents import ModelManifest, Privacy, RoundPlan, UpdateManifest
 from tapestry_protocol.exchange import (
     Verified,
     load_tensors,
     publish_update,
+    read_document,
     read_plan,
     read_plan_base,
 )
@@ -49,7 +50,7 @@ from tapestry_protocol.store import ObjectStore, StoreError, open_store
 from tapestry_telemetry import Service, catalog, tracing
 from tapestry_telemetry.catalog import SpanName
 from tapestry_telemetry.store import metered
-from tapestry_trainer import plugins, privacy
+from tapestry_trainer import feedback, plugins, privacy
 from tapestry_trainer.inner import (
     DistContext,
     InnerResult,
@@ -137,7 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env(pod.DP_DELTA),
         help=f"epsilon is reported at this delta (default {privacy.DEFAULT_DELTA})",
     )
+    p.add_argument(
+        "--error-feedback",
+        action=argparse.BooleanOptionalAction,
+        default=_env(pod.ERROR_FEEDBACK),
+        help="with a bf16 or int8 plan, keep what rounding drops in --workdir and send it "
+        "next round (default: on)",
+    )
     return p
+
+
+def _switch(value: bool | str | None, name: str) -> bool:
+    """A flag's value, or its true/false `TAPESTRY_*` variable (unset: on)."""
+    if isinstance(value, bool):
+        return value
+    if value in (None, "") or value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ParticipantError(f"{name} must be true or false, not {value!r}", ExitCode.USAGE)
 
 
 def _require(args: argparse.Namespace) -> None:
@@ -151,6 +170,7 @@ def _require(args: argparse.Namespace) -> None:
             f"missing {', '.join(missing)} (or their TAPESTRY_* variables)", ExitCode.USAGE
         )
     _privacy_settings(args)
+    args.error_feedback = _switch(args.error_feedback, pod.ERROR_FEEDBACK)
 
 
 def _privacy_settings(args: argparse.Namespace) -> privacy.Settings | None:
@@ -278,9 +298,22 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     _record_training(args, config, result)
     traceparent = tracing.current_traceparent()  # the share's span, for the manifest
     delta = compute_delta(fetched.base_arrays, state_arrays(model))
-    delta, noised = _privatize(args, fetched, checkpoints, delta)
     metrics: dict[str, float | str | None] = {**result.to_dict(), "worldSize": ctx.world_size}
     metrics["trainLoss"] = metrics.pop("meanLoss")  # the protocol's name for it
+    workspace = _feedback_workspace(args, fetched)
+    if workspace is not None:
+        carried = workspace.carried(args.round, delta)
+        _say_if_lost(args, fetched, carried)
+        if carried is not None:
+            delta = feedback.add(delta, carried.residual)
+        metrics["carriedResidualNorm"] = privacy.l2_norm(carried.residual) if carried else 0.0
+    delta, noised = _privatize(args, fetched, checkpoints, delta)
+    if workspace is not None:
+        made_for = f"{fetched.plan.sha256}/{fetched.base.sha256}"
+        delta = workspace.release(args.round, made_for, delta, fetched.plan.document.encoding)
+        residual = feedback.quantisation_residual(delta, fetched.plan.document.encoding)
+        metrics["residualNorm"] = privacy.l2_norm(residual)
+    metrics["errorFeedback"] = "on" if workspace is not None else "off"
     _report(progress, ProgressEvent(Phase.UPLOAD, config.steps, config.steps, message="uploading"))
     started = time.perf_counter()
     with tracing.phase(SpanName.TRAINING_UPLOAD):
@@ -330,6 +363,39 @@ def _privatize(
         raise ParticipantError(f"cannot count earlier noised rounds: {e}", ExitCode.CRASH) from None
     made_for = f"{fetched.plan.sha256}/{fetched.base.sha256}"
     return privacy.release(workdir, made_for, delta, settings, record)
+
+
+def _feedback_workspace(args: argparse.Namespace, fetched: Fetched) -> feedback.Workspace | None:
+    """Where this participant keeps its error feedback, or None when there is none to
+    keep (a lossless plan, or `--no-error-feedback`)."""
+    if not args.error_feedback or fetched.plan.document.encoding == feedback.LOSSLESS:
+        return None
+    return feedback.Workspace.at(args.workdir, args.federation, args.name)
+
+
+def _say_if_lost(
+    args: argparse.Namespace, fetched: Fetched, carried: feedback.Carried | None
+) -> None:
+    """Warn when this participant's previous update fed a residual forward that its work
+    directory no longer has: the work directory did not persist (an emptyDir, not a
+    workspace volume), so that rounding error is lost for good."""
+    for earlier in range(args.round - 1, -1, -1):
+        key = fetched.layout.update_manifest(earlier, fetched.signer.key_id)
+        try:
+            if not fetched.store.exists(key):
+                continue
+            document, _, _ = read_document(fetched.store, key, UpdateManifest)
+        except (StoreError, Rejected):
+            return  # only a warning: never fail the round over it
+        fed_forward = document.metrics.get("errorFeedback") == "on"
+        if fed_forward and (carried is None or carried.round != earlier):
+            print(
+                f"tapestry participant {args.name}: the error-feedback residual of round "
+                f"{earlier} is not in {args.workdir}; starting from zero (keep the work "
+                "directory between rounds: a Participant's spec.workspace)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        return
 
 
 def _record_training(args: argparse.Namespace, config: InnerConfig, result: InnerResult) -> None:
