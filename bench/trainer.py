@@ -52,14 +52,20 @@ from report import header, write
 
 from tapestry_trainer import plugins
 from tapestry_trainer.data import prepare_shards
-from tapestry_trainer.inner import DistContext, init_distributed, shutdown_distributed, state_arrays
+from tapestry_trainer.inner import (
+    CHECKPOINT,
+    DistContext,
+    init_distributed,
+    shutdown_distributed,
+    state_arrays,
+)
 from tapestry_trainer.inner import train_inner as _train_inner
 from tapestry_trainer.specs import FLAG_DEFAULTS, InnerConfig, ModelSpec, default_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 FULL: dict[str, Any] = {
-    "preset": "tiny", "batchSize": 16, "seqLen": 128, "steps": 20, "repeats": 3,
+    "preset": "tiny", "batchSize": 16, "seqLen": 128, "steps": 20, "repeats": 5,
     "ddpSteps": 12, "ddpLaunches": 3, "warmupSteps": 2,
 }  # fmt: skip
 QUICK: dict[str, Any] = {
@@ -96,10 +102,13 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def draw_batches(data: str, config: InnerConfig) -> Batches:
-    """The batches the trainer's loader gives a fresh run of `config`, in order."""
+def draw_batches(data: str, config: InnerConfig) -> tuple[Batches, float]:
+    """The batches the trainer's loader gives a fresh run of `config`, in order, and the
+    seconds it took per batch (a cost the trainer pays inside its loop)."""
     loader = plugins.loader_for(data, config, DistContext())
-    return [loader.next_batch() for _ in range(config.steps)]
+    started = time.perf_counter()
+    batches = [loader.next_batch() for _ in range(config.steps)]
+    return batches, (time.perf_counter() - started) / config.steps
 
 
 def bare(spec: ModelSpec, config: InnerConfig, batches: Batches) -> dict[str, Any]:
@@ -155,17 +164,19 @@ def trainer(
         "finalLoss": result.final_loss,
         "weightsSha256": weights_hash(model),
         "checkpoints": 0 if checkpoint_dir is None else -(-config.steps // CHECKPOINT_EVERY),
+        "checkpointBytes": (checkpoint_dir / CHECKPOINT).stat().st_size if checkpoint_dir else 0,
     }
 
 
 def single_process(
     spec: ModelSpec, config: InnerConfig, data: str, size: dict[str, Any], tmp: Path
-) -> dict[str, list[dict[str, Any]]]:
-    """The three arms, alternating, after one short untimed warm-up of each."""
+) -> tuple[dict[str, list[dict[str, Any]]], float]:
+    """The three arms, alternating, after one short untimed warm-up of each; and the
+    loader's seconds per batch."""
     warm = replace(config, steps=size["warmupSteps"], warmup_steps=1)
-    bare(spec, warm, draw_batches(data, warm))
+    bare(spec, warm, draw_batches(data, warm)[0])
     trainer(spec, warm, data, None)
-    batches = draw_batches(data, config)
+    batches, loader_s = draw_batches(data, config)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     ckpt = replace(config, checkpoint_every=CHECKPOINT_EVERY)
     for rep in range(size["repeats"]):
@@ -177,7 +188,7 @@ def single_process(
             + ", ".join(f"{arm} {runs[arm][-1]['tokensPerSecond']:8.0f} tok/s" for arm in ARMS),
             flush=True,
         )
-    return runs
+    return runs, loader_s
 
 
 # --------------------------------------------------------------------------- DDP
@@ -360,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = 2 * size["repeats"] * config.steps * config.tokens_per_step
         data = synthetic_shards(tmp / "data", max(tokens, 200_000))
         print(f"{size}, {torch.get_num_threads()} thread(s)", flush=True)
-        runs = single_process(spec, config, data, size, tmp)
+        runs, loader_s = single_process(spec, config, data, size, tmp)
         scaling = None if args.no_ddp else ddp(data, size, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,6 +379,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = summarise(runs)
     bare_tps = arms["bare"]["tokensPerSecond"]
     overhead = {arm: 1 - arms[arm]["tokensPerSecond"] / bare_tps for arm in ARMS[1:]}
+    # Per repetition against the bare run just before it: robust to the machine's drift.
+    paired = {
+        arm: statistics.median(
+            1 - t["tokensPerSecond"] / b["tokensPerSecond"]
+            for b, t in zip(runs["bare"], runs[arm], strict=True)
+        )
+        for arm in ARMS[1:]
+    }
+    bare_step_s = statistics.median(r["wallSeconds"] for r in runs["bare"]) / config.steps
+    ckpt_runs = runs["trainerCheckpoints"]
+    extra_s = statistics.median(r["wallSeconds"] for r in ckpt_runs) - statistics.median(
+        r["wallSeconds"] for r in runs["trainer"]
+    )
     hashes = {r["weightsSha256"] for rows in runs.values() for r in rows}
     counts = {r["tokens"] for rows in runs.values() for r in rows}
     counts |= {r["tokensLoaded"] for r in runs["trainer"] + runs["trainerCheckpoints"]}
@@ -390,8 +414,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sameWeights": len(hashes) == 1,
         "arms": arms,
         "overhead": overhead,
+        "pairedOverhead": paired,
+        "whereTheTimeGoes": {
+            "bareSecondsPerStep": bare_step_s,
+            "loaderSecondsPerBatch": loader_s,
+            "loaderShareOfABareStep": loader_s / bare_step_s,
+            "secondsPerCheckpoint": extra_s / ckpt_runs[0]["checkpoints"],
+            "checkpointBytes": ckpt_runs[0]["checkpointBytes"],
+        },
         "ddp": scaling,
         "targets": targets(arms, overhead),
+        "loadAtEnd": round(os.getloadavg()[0], 2),
         "wallSeconds": round(time.monotonic() - started, 1),
     }
     write(args.out, report)

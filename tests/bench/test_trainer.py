@@ -41,6 +41,10 @@ def test_the_trainer_benchmark_runs_quick(tmp_path: Path) -> None:
         report["overhead"]["trainerCheckpoints"],
     ]
     assert all(isinstance(t["met"], bool) for t in report["targets"])
+    assert set(report["pairedOverhead"]) == {"trainer", "trainerCheckpoints"}
+    where = report["whereTheTimeGoes"]
+    assert where["bareSecondsPerStep"] > 0 and where["loaderSecondsPerBatch"] > 0
+    assert where["checkpointBytes"] > 0
 
     # DDP: 1 and 2 ranks, the same per-rank batch, so twice the tokens per run on 2.
     ddp = report["ddp"]
