@@ -28,6 +28,7 @@ def test_the_gpu_benchmark_runs_quick_on_cpu(tmp_path: Path) -> None:
         assert run["steps"] == 3 and run["warmupSteps"] == 1
         assert run["tokens"] == run["steps"] * run["batchSize"] * run["seqLen"]
         assert run["tokensPerSecond"] > 0 and run["seconds"] > 0
+        assert run["tokensPerSecond"] == pytest.approx(run["tokens"] / run["seconds"])
         assert run["modelTflopsPerSecond"] == pytest.approx(
             run["tokensPerSecond"] * run["flopsPerToken"] / 1e12
         )
