@@ -338,8 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["results"].append({"preset": preset, "status": "skipped: time budget"})
                 continue
             print(f"{preset}: {left:.0f} s left", flush=True)
-            row = with_mfu(measure(preset, PLANS[preset], args, data, deadline,
-                                   0.8 / (runs - i)), peak)  # fmt: skip
+            try:
+                row = measure(preset, PLANS[preset], args, data, deadline, 0.8 / (runs - i))
+            except Exception as err:  # keep what the other presets measure
+                row = {"preset": preset, "fit": False, "status": f"failed: {err!r}"[:500]}
+            row = with_mfu(row, peak)
             report["results"].append(row)
             _print(row)
             write(args.out, report)
