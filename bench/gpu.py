@@ -178,7 +178,7 @@ def _timed(
         "tokens": timed.steps * timed.tokens_per_step,
         "tokensPerSecond": tps,
         "tokensPerSecondPerDevice": tps / ctx.world_size,
-        "trainerTokensPerSecond": result.tokens_per_s,  # its own figure: loop only, no sync
+        "trainerTokensPerSecond": result.tokens_per_s,  # its own figure: the loop only
         "modelTflopsPerSecond": flops / 1e12,
         "finalLoss": result.final_loss,
         "peakMemoryGiB": torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None,

@@ -27,9 +27,10 @@ from tapestry_protocol.pod import ExitCode
 from tapestry_protocol.shards import INT8_BLOCK, FloatArray, decode_delta, encode_delta, plan_shards
 from tapestry_protocol.signing import SigningKey
 from tapestry_protocol.store.filesystem import FilesystemStore
-from tapestry_trainer import feedback, participant, privacy
+from tapestry_trainer import feedback, participant, plugins, privacy
 from tapestry_trainer.baseline import initial_arrays
 from tapestry_trainer.data import prepare_shards
+from tapestry_trainer.inner import DistContext, state_arrays, train_inner
 from tests.e2e.test_participant import CONFIG, SPEC
 from tests.e2e.texts import write_corpora
 
@@ -205,14 +206,25 @@ def test_the_residual_of_one_round_is_sent_in_the_next(rounds: Rounds) -> None:
     assert participant.main(rounds.argv(1)) == 0
     second, stored1 = rounds.stored(1)
     assert second.metrics["carriedResidualNorm"] == pytest.approx(residual_norm, rel=1e-6)
-    # Round 1 trained from the same base on the same data: its raw delta is round 0's,
-    # so what it sent is round 0's delta plus round 0's residual, and what the store
-    # holds is that, quantised.
+    # What round 1 sent is its own raw delta (trained again here, the same way) plus
+    # round 0's residual, and what the store holds is that, quantised.
+    raw1 = _raw_delta(rounds, 1)
     sent1 = space._load(1, _like())
     for name, values in sent1.items():
-        np.testing.assert_allclose(values, sent0[name] + residual0[name], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(values, raw1[name] + residual0[name], rtol=0, atol=1e-6)
         expected = decode_delta(encode_delta(name, values, "int8"), name, "int8")
         np.testing.assert_array_equal(stored1[name], expected)
+
+
+def _raw_delta(rounds: Rounds, round_number: int) -> dict[str, FloatArray]:
+    """The delta the participant trains in a round (base = the initial model here)."""
+    base = initial_arrays(SPEC)
+    model = plugins.build_model(SPEC)
+    loader = plugins.loader_for(
+        str(rounds.tmp / "data"), CONFIG, DistContext(), round_number=round_number
+    )
+    train_inner(model, loader, CONFIG)
+    return participant.compute_delta(base, state_arrays(model))
 
 
 def _like() -> dict[str, FloatArray]:

@@ -123,6 +123,27 @@ def test_loader_resumes_from_its_state(shard_dir: Path) -> None:
         ShardLoader(_ctx(shard_dir, seed=9)).load_state_dict(state)
 
 
+def test_each_round_continues_the_stream_where_the_rounds_before_it_stopped(
+    shard_dir: Path,
+) -> None:
+    """Round r's loader starts after r rounds of innerSteps x batchSize samples: the
+    windows one loader would give after those, not round 0's first windows again."""
+    from tapestry_trainer.inner import DistContext
+    from tapestry_trainer.plugins import loader_for, round_start
+    from tapestry_trainer.specs import InnerConfig
+
+    config = InnerConfig(steps=5, lr=1e-3, batch_size=4, seq_len=32)
+    assert round_start(config, 3) == 3 * 5 * 4
+    stream = ShardLoader(_ctx(shard_dir))
+    _take(stream, 2 * config.steps)  # rounds 0 and 1, one 4-sample batch per step
+    round_2 = loader_for(str(shard_dir), config, DistContext(), round_number=2)
+    expected = _take(stream, 3)
+    assert all(torch.equal(a, b) for a, b in zip(_take(round_2, 3), expected, strict=True))
+    first = _take(loader_for(str(shard_dir), config, DistContext()), 1)[0]
+    assert not torch.equal(_take(loader_for(str(shard_dir), config, DistContext(),
+                                            round_number=1), 1)[0], first)  # fmt: skip
+
+
 def test_evaluate_is_deterministic(shard_dir: Path) -> None:
     model = build_gpt(replace(PRESETS["tiny"], n_layers=1, max_seq_len=32))
     model.train()

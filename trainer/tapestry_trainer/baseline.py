@@ -3,7 +3,7 @@
 - `initial_arrays`: the round-0 weights a model spec defines (same seed, same weights).
 - `train_local_only`: a participant that never federates, given the same compute: the
   same R rounds of H inner steps on its own data, each round continuing from its own
-  previous model (a federation of one).
+  previous model and from where its data stream stopped (a federation of one).
 - `evaluate_arrays`: held-out loss of a set of weights on each participant's data.
 
 Run as `python -m tapestry_trainer.baseline` for the local-only training, so the local
@@ -42,7 +42,7 @@ def train_local_only(
 ) -> dict[str, FloatArray]:
     model = plugins.build_model(spec)
     for r in range(rounds):
-        loader = plugins.loader_for(data, config, DistContext())
+        loader = plugins.loader_for(data, config, DistContext(), round_number=r)
         train_inner(
             model, loader, config, checkpoint_dir=workdir / f"round-{r}", run_id=f"local-only/{r}"
         )

@@ -17,7 +17,10 @@ by a seeded hash with probability ``val_fraction``, so it is stable when files a
 sample stream is the same on every rank; each call of :meth:`ShardLoader.next_batch` on
 rank ``r`` takes samples ``[consumed + r*m, consumed + (r+1)*m)`` and advances ``consumed``
 by ``world_size*m``. Its state is that one integer, so a resumed run (even one with another
-number of ranks, at the same global batch) continues exactly where it stopped.
+number of ranks, at the same global batch) continues exactly where it stopped. It starts
+at ``LoaderContext.start``: a participant's round *r* starts where its rounds before it
+ended (``r * innerSteps * batchSize``), so every round trains on new windows instead of
+the first ones again.
 
 Plug-in loaders implement the same :class:`BatchLoader` protocol and receive the same
 :class:`LoaderContext` (see :mod:`tapestry_trainer.plugins`).
@@ -274,6 +277,9 @@ class LoaderContext:
     seed: int
     split: str = "train"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Global samples of this stream that earlier runs used (a participant's earlier
+    # rounds): where this run's first batch begins.
+    start: int = 0
 
 
 @runtime_checkable
@@ -299,7 +305,7 @@ class ShardLoader:
             raise ValueError(f"rank {ctx.rank} outside world of size {ctx.world_size}")
         self.ctx = ctx
         self.windows = TokenWindows(ctx.data, ctx.split, ctx.seq_len)
-        self.consumed = 0
+        self.consumed = ctx.start
         self._epoch = -1
         self._order: npt.NDArray[np.int64] = np.empty(0, np.int64)
 

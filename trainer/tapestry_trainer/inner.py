@@ -468,6 +468,8 @@ def train_inner(
                 log.info("step %d/%d loss %.4f lr %.2e", done, config.steps, info.loss, lr)
             if on_step is not None:
                 on_step(info)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)  # kernels still queued belong to the loop's time
     loop_time = time.perf_counter() - loop_started
 
     steps_run = config.steps - start_step

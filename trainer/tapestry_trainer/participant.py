@@ -276,7 +276,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
     if not isinstance(options, dict):
         raise ParticipantError("--loader-options must be a JSON object", ExitCode.USAGE)
     try:
-        loader = plugins.loader_for(args.data, config, ctx, factory=args.loader, options=options)
+        loader = plugins.loader_for(
+            args.data, config, ctx, factory=args.loader, options=options, round_number=args.round
+        )
     except (OSError, ValueError, plugins.PluginError) as e:
         # Missing or unreadable data, or a broken plug-in: retrying the pod cannot help.
         raise ParticipantError(f"cannot load data {args.data}: {e}", ExitCode.USAGE) from None

@@ -91,9 +91,12 @@ def loader_for(
     micro_batch: int | None = None,
     factory: str | None = None,
     options: Mapping[str, Any] | None = None,
+    round_number: int = 0,
 ) -> BatchLoader:
     """This rank's loader for an inner run of ``config`` (see :func:`build_loader`);
-    ``options`` reach a plug-in loader untouched as ``ctx.options``."""
+    ``options`` reach a plug-in loader untouched as ``ctx.options``. Round
+    ``round_number`` starts after the samples of the rounds before it
+    (:func:`round_start`)."""
     return build_loader(
         LoaderContext(
             data=data,
@@ -103,9 +106,16 @@ def loader_for(
             seq_len=config.seq_len,
             seed=config.seed,
             options=dict(options or {}),
+            start=round_start(config, round_number),
         ),
         factory,
     )
+
+
+def round_start(config: InnerConfig, round_number: int) -> int:
+    """Where round ``round_number``'s batches begin in the sample stream: after the
+    ``innerSteps * batchSize`` samples of each round before it."""
+    return round_number * config.steps * config.batch_size
 
 
 def build_loader(ctx: LoaderContext, factory: str | None = None) -> BatchLoader:

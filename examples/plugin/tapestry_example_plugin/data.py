@@ -27,7 +27,7 @@ class TextWindows:
         if len(self.tokens) <= ctx.seq_len + 1:
             raise ValueError(f"{ctx.data} holds too little text for seq_len {ctx.seq_len}")
         self.ctx = ctx
-        self.consumed = 0
+        self.consumed = ctx.start  # a round continues the stream where earlier rounds ended
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         m, t = self.ctx.micro_batch_size, self.ctx.seq_len
