@@ -46,7 +46,7 @@ kube-demo: setup testbin
 operator: setup
 	$(PY) -m tapestry_operator --role both --log-format text
 
-## bench: aggregation (streaming vs plain read vs load-everything, scale-out over K parts), transfer, operator scale, the case for joining, cluster start, attacks x robust policies, the cost of differential privacy; results in bench/results/
+## bench: aggregation (streaming vs plain read vs load-everything, scale-out over K parts), transfer, operator scale, the case for joining, compressed deltas, trainer throughput, cluster start, attacks x robust policies, the cost of differential privacy; results in bench/results/ (bench/gpu.sh: the GPU benchmark, on a GPU machine)
 bench: setup testbin
 	$(PY) bench/aggregate.py --out bench/results/aggregate.json
 	$(PY) bench/cluster_start.py --out bench/results/cluster-start.json
@@ -57,6 +57,8 @@ bench: setup testbin
 	$(PY) bench/operator_scale.py --members 50 100 200 --out bench/results/operator-scale.json
 	$(PY) -m pip install --quiet -e '.[docs]'
 	$(PY) bench/joining.py --out bench/results/joining.json --plot docs/images/joining.png
+	$(PY) bench/compression.py --out bench/results/compression.json
+	$(PY) bench/trainer.py --out bench/results/trainer.json
 
 ## dashboards: regenerate the Grafana dashboards; draw docs/images/dashboard-*.png from a demo
 .PHONY: dashboards

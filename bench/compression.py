@@ -22,35 +22,31 @@ Usage: python bench/compression.py [--quick] [--out FILE] [--data DIR]
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from joining import (
-    HELD_OUT,
     INNER_LR,
     POOLED,
     Arrays,
     Scorer,
     Setup,
     _outer,
-    _prepare,
     _train,
+    build_setup,
     mean_std,
+    run_seeds,
 )
 from report import header, write
 
-from tapestry_aggregator.strategy import Strategy
 from tapestry_protocol.shards import Tensor, decode_delta, encode_delta, encode_safetensors
 from tapestry_trainer import feedback, plugins, privacy
-from tapestry_trainer.data import prepare_shards
 from tapestry_trainer.inner import state_arrays
-from tapestry_trainer.specs import InnerConfig, ModelSpec
+from tapestry_trainer.specs import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo Nesterov momentum")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="seeds trained in parallel processes")
     args = p.parse_args(argv)
@@ -207,34 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         size["rounds"] = args.rounds
     started = time.monotonic()
-    workdir = args.workdir.absolute()
-    texts = _prepare(args, size["participants"], workdir)
-    names = list(texts)
-    shards = workdir / "data"
-    data = {
-        n: str(prepare_shards([texts[n]], shards / n, val_fraction=HELD_OUT).parent) for n in names
-    }
-    pooled = str(
-        prepare_shards([texts[n] for n in names], shards / POOLED, val_fraction=HELD_OUT).parent
-    )
-    setup = Setup(
-        names=names, data=data, pooled=pooled, rounds=size["rounds"],
-        inner=InnerConfig(steps=size["innerSteps"], lr=INNER_LR, batch_size=size["batchSize"],
-                          seq_len=size["seqLen"]),
-        eval_batches=size["evalBatches"], eval_batch_size=size["evalBatchSize"],
-        diloco=Strategy("diloco", learning_rate=args.outer_lr, momentum=0.9, weighting="equal"),
-        fedavg=Strategy("fedavg", learning_rate=1.0, weighting="equal"),
-    )  # fmt: skip
+    setup = build_setup(args, size)
+    names = setup.names
     arms = list(ARMS)
     print(f"participants {names}, {size}", flush=True)
-    seeds = size["seeds"]
-    jobs = max(1, min(args.jobs, len(seeds)))
-    if jobs == 1:
-        runs = [run_seed(setup, seed, args.threads, arms) for seed in seeds]
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(run_seed, [setup] * len(seeds), seeds,
-                                 [args.threads] * len(seeds), [arms] * len(seeds)))  # fmt: skip
+    runs = run_seeds(run_seed, setup, size["seeds"], args.jobs, args.threads, arms)
     summary = summarise(runs, names, arms)
     report = header("compression", args.quick, "compression.py")
     report |= {

@@ -473,6 +473,43 @@ def _prepare(args: argparse.Namespace, participants: int, workdir: Path) -> dict
     return prepare_demo_corpus(workdir / "corpus", LANGUAGES[:participants])
 
 
+def build_setup(args: argparse.Namespace, size: Mapping[str, Any]) -> Setup:
+    """The participants' shard sets (each with its held-out split) and the pooled held-out
+    set under `--workdir`, and the inner and outer settings of `size` and the flags."""
+    workdir = args.workdir.absolute()
+    texts = _prepare(args, size["participants"], workdir)
+    names = list(texts)
+    shards = workdir / "data"
+    data = {
+        n: str(prepare_shards([texts[n]], shards / n, val_fraction=HELD_OUT).parent) for n in names
+    }
+    pooled = str(
+        prepare_shards([texts[n] for n in names], shards / POOLED, val_fraction=HELD_OUT).parent
+    )
+    return Setup(
+        names=names, data=data, pooled=pooled, rounds=size["rounds"],
+        inner=InnerConfig(steps=size["innerSteps"], lr=INNER_LR, batch_size=size["batchSize"],
+                          seq_len=size["seqLen"]),
+        eval_batches=size["evalBatches"], eval_batch_size=size["evalBatchSize"],
+        diloco=Strategy("diloco", learning_rate=args.outer_lr, momentum=args.outer_momentum,
+                        weighting="equal"),
+        fedavg=Strategy("fedavg", learning_rate=1.0, weighting="equal"),
+    )  # fmt: skip
+
+
+def run_seeds(
+    fn: Callable[..., dict[str, Any]], setup: Setup, seeds: Sequence[int], jobs: int, *extra: Any
+) -> list[dict[str, Any]]:
+    """`fn(setup, seed, *extra)` for every seed, `jobs` processes at a time (spawned: torch
+    and fork do not mix); each seed's arms stay side by side in one process."""
+    jobs = max(1, min(jobs, len(seeds)))
+    if jobs == 1:
+        return [fn(setup, seed, *extra) for seed in seeds]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        columns = [[value] * len(seeds) for value in extra]
+        return list(pool.map(fn, [setup] * len(seeds), seeds, *columns))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 2 participants, 2 short rounds")
@@ -502,36 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             size[key] = value
     started = time.monotonic()
-    workdir = args.workdir.absolute()
-    texts = _prepare(args, size["participants"], workdir)
-    names = list(texts)
-    shards = workdir / "data"
-    data = {
-        n: str(prepare_shards([texts[n]], shards / n, val_fraction=HELD_OUT).parent) for n in names
-    }
-    pooled = str(
-        prepare_shards([texts[n] for n in names], shards / POOLED, val_fraction=HELD_OUT).parent
-    )
-    setup = Setup(
-        names=names, data=data, pooled=pooled, rounds=size["rounds"],
-        inner=InnerConfig(steps=size["innerSteps"], lr=INNER_LR, batch_size=size["batchSize"],
-                          seq_len=size["seqLen"]),
-        eval_batches=size["evalBatches"], eval_batch_size=size["evalBatchSize"],
-        diloco=Strategy("diloco", learning_rate=args.outer_lr, momentum=args.outer_momentum,
-                        weighting="equal"),
-        fedavg=Strategy("fedavg", learning_rate=1.0, weighting="equal"),
-    )  # fmt: skip
+    setup = build_setup(args, size)
+    names = setup.names
     print(f"participants {names}, {size}", flush=True)
 
-    jobs = max(1, min(args.jobs, len(size["seeds"])))
-    if jobs == 1:
-        runs = [run_seed(setup, seed, args.threads) for seed in size["seeds"]]
-    else:  # one process per seed, `jobs` at a time; each seed's arms stay side by side
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            seeds = size["seeds"]
-            runs = list(
-                pool.map(run_seed, [setup] * len(seeds), seeds, [args.threads] * len(seeds))
-            )
+    runs = run_seeds(run_seed, setup, size["seeds"], args.jobs, args.threads)
     m_bytes = runs[0]["modelBytes"]
 
     comm = communication(setup, m_bytes)

@@ -322,29 +322,24 @@ def targets(
     """Verdicts on the wall-clock medians, as asked; the CPU-time figure beside them says
     whether a verdict is the trainer's or the shared machine's."""
     bare_tps = arms["bare"]["tokensPerSecond"]
+    cases = {
+        "trainer": "(checkpoints off)",
+        "trainerCheckpoints": f"with checkpoints at the default interval (every "
+        f"{CHECKPOINT_EVERY} steps), as users run it",
+    }
     return [
         {
             "target": f"trainer overhead <= {OVERHEAD_TARGET:.0%} against a bare PyTorch loop "
-            "(checkpoints off)",
+            + how,
             "measured": {
                 "bare": bare_tps,
-                "trainer": arms["trainer"]["tokensPerSecond"],
-                "overhead": overhead["trainer"],
-                "cpuOverhead": cpu_overhead["trainer"],
+                "trainer": arms[arm]["tokensPerSecond"],
+                "overhead": overhead[arm],
+                "cpuOverhead": cpu_overhead[arm],
             },
-            "met": overhead["trainer"] <= OVERHEAD_TARGET,
-        },
-        {
-            "target": f"trainer overhead <= {OVERHEAD_TARGET:.0%} with checkpoints at the "
-            f"default interval (every {CHECKPOINT_EVERY} steps), as users run it",
-            "measured": {
-                "bare": bare_tps,
-                "trainer": arms["trainerCheckpoints"]["tokensPerSecond"],
-                "overhead": overhead["trainerCheckpoints"],
-                "cpuOverhead": cpu_overhead["trainerCheckpoints"],
-            },
-            "met": overhead["trainerCheckpoints"] <= OVERHEAD_TARGET,
-        },
+            "met": overhead[arm] <= OVERHEAD_TARGET,
+        }
+        for arm, how in cases.items()
     ]
 
 
