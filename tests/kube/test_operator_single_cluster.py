@@ -12,7 +12,14 @@ import time
 
 import pytest
 
-from tapestry_protocol.exchange import publish_model, read_model, read_plan, read_result
+from tapestry_protocol.documents import UpdateManifest
+from tapestry_protocol.exchange import (
+    publish_model,
+    read_document,
+    read_model,
+    read_plan,
+    read_result,
+)
 from tapestry_protocol.layout import Layout
 from tapestry_protocol.shards import DEFAULT_SHARD_BYTES, plan_shards
 from tapestry_protocol.store import ObjectStore
@@ -107,3 +114,61 @@ def test_round_0_trains_from_a_base_the_user_published(deployment: Deployment) -
     pinned = own["spec"]["model"]["initialBase"]
     assert read_plan(d.store, Layout("demo"), 0, key).document.base.sha256 == pinned["sha256"]
     assert d.job(d.coordinator_ns, "demo-bootstrap") is None  # nothing initialised a preset
+
+
+WORKSPACE = "tapestry-work"  # the members' workspace PVC (provisioned by the node agent)
+
+
+def _workspace_claim(namespace: str) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": WORKSPACE, "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+
+
+@pytest.mark.parametrize(
+    "deployment",
+    [
+        Setup(
+            bucket="feedback",
+            round_defaults={"encoding": "int8"},
+            participants={m: {"workspace": {"claimName": WORKSPACE}} for m in ("de", "es")},
+            apply_round=False,
+        )
+    ],
+    indirect=True,
+)
+def test_int8_rounds_carry_the_residual_in_the_workspace(deployment: Deployment) -> None:
+    """Two int8 rounds: de and es keep their work directory on a PVC, so round 1 sends
+    round 0's rounding residual; member it has an emptyDir, so its round 1 starts from zero."""
+    d = deployment
+    for member in ("de", "es"):
+        d.client.apply(_workspace_claim(f"tapestry-{member}{d.suffix}"))
+    for doc in d.docs:
+        if doc["kind"] == "FederationRound":
+            d.client.apply(doc)
+    d.wait_round("demo-round-0", "Succeeded")
+    for doc in render_example(load_yaml([EXAMPLE / "next" / "round-1.yaml"]), d.keys, "",
+                              suffix=d.suffix):  # fmt: skip
+        d.client.apply(doc)
+    d.wait_round("demo-round-1", "Succeeded")
+    layout = Layout("demo")
+
+    def metrics(round_number: int, member: str) -> dict[str, float | str | None]:
+        key = layout.update_manifest(round_number, member)
+        document, _, _ = read_document(d.store, key, UpdateManifest)
+        assert document.encoding == "int8"
+        return document.metrics
+
+    for member in MEMBERS:
+        first, second = metrics(0, member), metrics(1, member)
+        assert first["errorFeedback"] == second["errorFeedback"] == "on", member
+        assert first["carriedResidualNorm"] == 0.0
+        left = first["residualNorm"]
+        assert isinstance(left, float) and left > 0
+        if member == "it":  # no workspace: the residual went with round 0's pod
+            assert second["carriedResidualNorm"] == 0.0
+        else:
+            assert second["carriedResidualNorm"] == pytest.approx(left, rel=1e-6), member
