@@ -1,13 +1,14 @@
 """Benchmark: what the delta encodings save in bytes and cost in model quality.
 
 P participants (one language each) train the `tiny` GPT for R DiLoCo rounds of H inner
-steps, four times over, each time with another encoding of the deltas they upload:
+steps, five times over, each time with another encoding of the deltas they upload:
 
 - fp32: the delta as trained;
 - bf16: rounded to bfloat16;
 - int8: blockwise absmax int8 (one float32 scale per 256 values);
 - int8 + error feedback: int8, each participant adding what rounding dropped last round
-  to this round's delta (`tapestry_trainer.feedback`, as the participant does).
+  to this round's delta (`tapestry_trainer.feedback`, as the participant does);
+- codebook + error feedback: INTELLECT-1's 256 levels per tensor, with error feedback.
 
 Bytes are those of the safetensors shard the participant would upload (the protocol's
 own encoder), per participant per round; quality is the shared model's validation loss
@@ -64,6 +65,7 @@ ARMS: dict[str, tuple[str, bool]] = {
     "bf16": ("bf16", False),
     "int8": ("int8", False),
     "int8+ef": ("int8", True),
+    "codebook+ef": ("codebook", True),
 }
 BYTES_TARGET = 0.26  # int8 + error feedback: at most this share of fp32's bytes
 LOSS_TARGET = 0.01  # ... with the validation loss within this of fp32's (relative)

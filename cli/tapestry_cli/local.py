@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
         "--error-feedback",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with bf16 or int8, each participant keeps what rounding drops of its delta "
+        help="with bf16, int8 or codebook, each participant keeps what rounding drops of its delta "
         "and sends it next round (default: on)",
     )
     run.add_argument("--nproc-per-participant", type=int, default=1, help="torchrun processes")

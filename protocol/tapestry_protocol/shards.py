@@ -10,6 +10,12 @@ Delta encodings (the `encoding` of an update manifest):
 - `bf16`: bfloat16 (round to nearest even), half the bytes.
 - `int8`: blockwise absmax int8 with one float32 scale per block of `INT8_BLOCK`
   values (tensor `<name>` as I8 plus `<name>:scale` as F32), about a quarter.
+- `codebook`: 256 levels per tensor, as INTELLECT-1 quantises its pseudo-gradients:
+  buckets of equal width spanning ±3 standard deviations (RMS) around zero, each value
+  stored as its bucket's index (`<name>` as U8; values beyond the span go to the end
+  buckets) and each bucket's level as the mean of the values in it (`<name>:codebook`,
+  F32 of 256), about a quarter. The levels are the values' own averages, not the bucket
+  centres, so each bucket's error averages out.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import numpy.typing as npt
 
 from tapestry_protocol import jsonsafe
 
-ENCODINGS = ("fp32", "bf16", "int8")
+ENCODINGS = ("fp32", "bf16", "int8", "codebook")
 INT8_BLOCK = 256
 SCALE_SUFFIX = ":scale"
+CODEBOOK_LEVELS = 256
+CODEBOOK_SPAN = 6.0  # the codebook's buckets span this many standard deviations
+CODEBOOK_SUFFIX = ":codebook"
 DEFAULT_SHARD_BYTES = 64 << 20
 # A header entry takes about 80 bytes, so 16 MiB describes some 200,000 tensors, far more
 # than any model has in one shard; it bounds what a hostile header costs to parse (its
@@ -304,7 +313,31 @@ def encode_delta(name: str, delta: FloatArray, encoding: str) -> dict[str, Tenso
             name: Tensor("I8", q.reshape(-1)[: flat.size].reshape(delta.shape)),
             name + SCALE_SUFFIX: Tensor("F32", scale.astype(np.float32)),
         }
+    if encoding == "codebook":
+        indices, levels = _codebook(delta.reshape(-1))
+        return {
+            name: Tensor("U8", indices.reshape(delta.shape)),
+            name + CODEBOOK_SUFFIX: Tensor("F32", levels),
+        }
     raise ValueError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+
+
+def _codebook(flat: FloatArray) -> tuple[npt.NDArray[np.uint8], FloatArray]:
+    """Bucket indices (equal widths over ±`CODEBOOK_SPAN`/2 RMS) and each bucket's mean (0
+    for an empty one: no index points at it)."""
+    levels = np.zeros(CODEBOOK_LEVELS, dtype=np.float32)
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.uint8), levels
+    values = flat.astype(np.float64)
+    rms = float(np.sqrt(np.dot(values, values) / max(1, flat.size - 1)))
+    width = CODEBOOK_SPAN * rms / CODEBOOK_LEVELS or 1.0  # all zeros: any width
+    middle = CODEBOOK_LEVELS // 2
+    indices = np.clip(np.rint(values / width) + middle, 0, CODEBOOK_LEVELS - 1).astype(np.uint8)
+    counts = np.bincount(indices, minlength=CODEBOOK_LEVELS)
+    sums = np.bincount(indices, weights=values, minlength=CODEBOOK_LEVELS)
+    filled = counts > 0
+    levels[filled] = (sums[filled] / counts[filled]).astype(np.float32)
+    return indices, levels
 
 
 def decode_delta(stored: Mapping[str, Tensor], name: str, encoding: str) -> FloatArray:
@@ -326,6 +359,8 @@ def decode_delta(stored: Mapping[str, Tensor], name: str, encoding: str) -> Floa
         if tensor.dtype != "BF16":
             raise ShardFormatError(f"{name}: bf16 encoding needs dtype BF16, got {tensor.dtype}")
         return from_bf16_bits(tensor.array)
+    if encoding == "codebook":
+        return _decode_codebook(stored, name, tensor)
     scale = stored.get(name + SCALE_SUFFIX)
     if tensor.dtype != "I8":
         raise ShardFormatError(f"{name}: int8 encoding needs dtype I8, got {tensor.dtype}")
@@ -348,13 +383,34 @@ def decode_delta(stored: Mapping[str, Tensor], name: str, encoding: str) -> Floa
     return out[: flat.size].reshape(tensor.array.shape)
 
 
+def _decode_codebook(stored: Mapping[str, Tensor], name: str, tensor: Tensor) -> FloatArray:
+    if tensor.dtype != "U8":
+        raise ShardFormatError(f"{name}: codebook encoding needs dtype U8, got {tensor.dtype}")
+    levels = stored.get(name + CODEBOOK_SUFFIX)
+    if levels is None:
+        raise ShardFormatError(
+            f"{name}: codebook encoding needs the tensor {name}{CODEBOOK_SUFFIX}"
+        )
+    if levels.dtype != "F32" or levels.array.shape != (CODEBOOK_LEVELS,):
+        raise ShardFormatError(
+            f"{name}{CODEBOOK_SUFFIX}: expected F32 of shape [{CODEBOOK_LEVELS}], got "
+            f"{levels.dtype} of shape {list(levels.array.shape)}"
+        )
+    out: FloatArray = levels.array[tensor.array]  # every U8 index is in range
+    return out
+
+
+_EXTRA_SUFFIX = {"int8": SCALE_SUFFIX, "codebook": CODEBOOK_SUFFIX}
+
+
 def stored_names(names: Iterable[str], encoding: str) -> list[str]:
     """Names that `encode_delta` produces for these tensors, sorted."""
     out: list[str] = []
+    suffix = _EXTRA_SUFFIX.get(encoding)
     for n in names:
         out.append(n)
-        if encoding == "int8":
-            out.append(n + SCALE_SUFFIX)
+        if suffix is not None:
+            out.append(n + suffix)
     return sorted(out)
 
 

@@ -74,6 +74,8 @@ from tapestry_protocol.exchange import (
 )
 from tapestry_protocol.layout import MANIFEST, Layout, shard_name
 from tapestry_protocol.shards import (
+    CODEBOOK_LEVELS,
+    CODEBOOK_SUFFIX,
     INT8_BLOCK,
     SCALE_SUFFIX,
     FloatArray,
@@ -101,7 +103,7 @@ SHAPES = {"emb": (16, 20), "w1": (20, 4), "b1": (4,), "head": (4, 16)}
 SHARD_BYTES = 512  # three shards: [emb], [w1, b1], [head]; emb spans two int8 blocks
 STRATEGY = Strategy("diloco")  # so the optimizer state is compared too
 HYPERPARAMETERS = {"innerSteps": 2, "learningRate": 1e-3, "batchSize": 2, "seqLen": 8}
-ENCODINGS = ("fp32", "int8")
+ENCODINGS = ("fp32", "int8", "codebook")
 FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 # The reference reader: [(name, {"dtype": ..., "shape": [...], "data": bytes}), ...].
@@ -399,6 +401,14 @@ def _decoded(tensors: dict[str, Tensor], name: str, encoding: str) -> FloatArray
     with np.errstate(all="ignore"):
         if encoding == "fp32":
             return tensor.array.astype(np.float32) if tensor.dtype == "F32" else None
+        if encoding == "codebook":
+            levels = tensors[name + CODEBOOK_SUFFIX]
+            if tensor.dtype != "U8" or levels.dtype != "F32":
+                return None
+            if levels.array.shape != (CODEBOOK_LEVELS,):
+                return None
+            looked_up: FloatArray = levels.array[tensor.array.astype(np.intp)]
+            return looked_up
         scale = tensors[name + SCALE_SUFFIX]
         if tensor.dtype != "I8" or scale.dtype != "F32":
             return None
@@ -669,6 +679,50 @@ def int8_scales(draw: st.DrawFn) -> Hostile:
         }[q_how]
     shards = tuple(encode_safetensors(t) for t in stored)
     return Hostile("int8", shards, draw(st.sampled_from([1, 500, 10**6])))
+
+
+LEVEL_EDITS = ["ok", "ok", "F16", "I8", "longer", "shorter", "2-D", "missing", "renamed", "nan",
+               "inf", "huge", "zero"]  # fmt: skip
+
+
+@st.composite
+def codebook_levels(draw: st.DrawFn) -> Hostile:
+    """A codebook update whose indices or levels are wrong in dtype, shape or value."""
+    i = draw(st.integers(0, len(groups()) - 1))
+    stored = [dict(s) for s in WELL_FORMED_STORED["codebook"]]
+    tensors = stored[i]
+    for name in groups()[i]:
+        indices, levels = tensors[name].array, tensors[name + CODEBOOK_SUFFIX].array
+        how = draw(st.sampled_from(LEVEL_EDITS))
+        del tensors[name + CODEBOOK_SUFFIX]
+        if how != "missing":
+            key = name + (":levels" if how == "renamed" else CODEBOOK_SUFFIX)
+            tensors[key] = _levels(how, levels)
+        index_how = draw(st.sampled_from(["ok", "ok", "ok", "I8", "U16", "F32", "reshaped"]))
+        tensors[name] = {
+            "ok": Tensor("U8", indices),
+            "I8": Tensor("I8", indices.view(np.int8)),
+            "U16": Tensor("U16", indices.astype(np.uint16)),
+            "F32": Tensor("F32", indices.astype(np.float32)),
+            "reshaped": Tensor("U8", indices.reshape(-1)),
+        }[index_how]
+    shards = tuple(encode_safetensors(t) for t in stored)
+    return Hostile("codebook", shards, draw(st.sampled_from([1, 500, 10**6])))
+
+
+def _levels(how: str, levels: FloatArray) -> Tensor:
+    if how in ("F16", "I8"):
+        return Tensor(how, levels.astype(np.float16 if how == "F16" else np.int8))
+    changed = {
+        "longer": np.append(levels, np.float32(0.01)),
+        "shorter": levels[:-1],
+        "2-D": levels.reshape(2, -1),
+        "nan": np.full_like(levels, np.nan),
+        "inf": np.full_like(levels, np.inf),
+        "huge": np.full_like(levels, 1e38),
+        "zero": np.zeros_like(levels),
+    }.get(how, levels)
+    return Tensor("F32", np.ascontiguousarray(changed, dtype=np.float32))
 
 
 def _scale(how: str, scale: FloatArray) -> Tensor | None:
@@ -969,6 +1023,12 @@ def test_nan_infinite_and_huge_values(templates: dict[str, Template], hostile: H
 @FUZZ
 @given(hostile=int8_scales())
 def test_int8_updates_with_bad_scales(templates: dict[str, Template], hostile: Hostile) -> None:
+    event(check(templates, hostile))
+
+
+@FUZZ
+@given(hostile=codebook_levels())
+def test_codebook_updates_with_bad_levels(templates: dict[str, Template], hostile: Hostile) -> None:
     event(check(templates, hostile))
 
 

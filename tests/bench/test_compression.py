@@ -18,7 +18,7 @@ def test_the_compression_benchmark_runs_quick(tmp_path: Path) -> None:
     report = run_quick("compression.py", tmp_path / "compression.json", "--data", str(data),
                        "--workdir", str(tmp_path / "work"), timeout=120)  # fmt: skip
     arms = report["arms"]
-    assert list(arms) == ["fp32", "bf16", "int8", "int8+ef"]
+    assert list(arms) == ["fp32", "bf16", "int8", "int8+ef", "codebook+ef"]
     names, rounds = report["participants"], report["size"]["rounds"]
 
     # Bytes: fp32 is 4 bytes a value; bf16 half; int8 a quarter plus a scale per 256.
@@ -30,6 +30,8 @@ def test_the_compression_benchmark_runs_quick(tmp_path: Path) -> None:
         == arms["int8"]["bytesPerParticipantPerRound"]
     )
     assert fp32 > 0 and arms["fp32"]["bytesVsFp32"] == 1.0
+    # codebook: a byte a value plus 256 levels per tensor (the tiny model's are small)
+    assert 0.25 < arms["codebook+ef"]["bytesVsFp32"] < 0.35
 
     # Every arm starts from the same model and is scored after every round.
     run = report["runs"][0]
@@ -40,9 +42,10 @@ def test_the_compression_benchmark_runs_quick(tmp_path: Path) -> None:
         assert set(figures["final"]) == {*names, "pooled"}
         assert all(math.isfinite(v["mean"]) for v in figures["final"].values()), arm
     # Error feedback carried a residual every round, for every participant.
-    norms = run["int8+ef"]["residualNorm"]
-    assert len(norms) == rounds and all(set(r) == set(names) for r in norms)
-    assert all(v > 0 for r in norms for v in r.values())
+    for arm in ("int8+ef", "codebook+ef"):
+        norms = run[arm]["residualNorm"]
+        assert len(norms) == rounds and all(set(r) == set(names) for r in norms)
+        assert all(v > 0 for r in norms for v in r.values())
     assert "residualNorm" not in run["int8"]
 
     size_target, loss_target = report["targets"]

@@ -250,6 +250,24 @@ def test_decoding_is_zero_copy() -> None:
             "int8",
             "expected shape [1]",
         ),
+        ({"w": Tensor.of(np.zeros(2, np.int8))}, "codebook", "needs dtype U8, got I8"),
+        ({"w": Tensor.of(np.zeros(2, np.uint8))}, "codebook", "needs the tensor w:codebook"),
+        (
+            {
+                "w": Tensor.of(np.zeros(2, np.uint8)),
+                "w:codebook": Tensor.of(np.zeros(255, np.float32)),
+            },
+            "codebook",
+            "expected F32 of shape [256], got F32 of shape [255]",
+        ),
+        (
+            {
+                "w": Tensor.of(np.zeros(2, np.uint8)),
+                "w:codebook": Tensor.of(np.zeros(256, np.int8)),
+            },
+            "codebook",
+            "expected F32 of shape [256], got I8",
+        ),
     ],
 )
 def test_inconsistent_deltas_are_format_errors(
@@ -283,6 +301,29 @@ def test_delta_encodings_round_trip_within_their_precision(encoding: str, tolera
     assert error <= tolerance
     if encoding == "int8":
         assert len(data) < delta.nbytes * 0.3
+
+
+def test_codebook_levels_are_the_means_of_their_buckets() -> None:
+    """256 levels at most, each the mean of the values stored as it: the sum of a tensor
+    survives exactly; constant and empty tensors come back as they were."""
+    rng = np.random.default_rng(3)
+    delta = (rng.standard_t(3, (80, 1000)) * 1e-3).astype(np.float32)
+    stored = encode_delta("w", delta, "codebook")
+    assert stored["w"].dtype == "U8" and stored["w"].array.shape == delta.shape
+    assert stored["w:codebook"].array.shape == (256,)
+    restored = decode_delta(stored, "w", "codebook")
+    assert len(np.unique(restored)) <= 256
+    for index in np.unique(stored["w"].array)[::17]:
+        chosen = stored["w"].array == index
+        assert restored[chosen][0] == pytest.approx(delta[chosen].mean(dtype=np.float64), rel=1e-5)
+    assert restored.sum(dtype=np.float64) == pytest.approx(delta.sum(dtype=np.float64), abs=1e-6)
+    size = len(encode_safetensors(stored))
+    assert size < delta.nbytes * 0.26
+    for same in (np.full(700, 0.25, np.float32), np.zeros((3, 5), np.float32)):
+        again = decode_delta(encode_delta("c", same, "codebook"), "c", "codebook")
+        np.testing.assert_array_equal(again, same)
+    empty = np.zeros((0, 4), np.float32)
+    assert decode_delta(encode_delta("e", empty, "codebook"), "e", "codebook").shape == (0, 4)
 
 
 def test_int8_keeps_zero_blocks_exact() -> None:

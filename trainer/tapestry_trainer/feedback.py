@@ -1,4 +1,4 @@
-"""Error feedback for lossy delta encodings (bf16, int8): what rounding drops this round
+"""Error feedback for lossy delta encodings (bf16, int8, codebook): what rounding drops this round
 is sent next round.
 
 Quantising a delta loses `residual = sent - decode(encode(sent))`. With error feedback

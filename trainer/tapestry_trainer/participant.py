@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--error-feedback",
         action=argparse.BooleanOptionalAction,
         default=_env(pod.ERROR_FEEDBACK),
-        help="with a bf16 or int8 plan, keep what rounding drops in --workdir and send it "
+        help="with a lossy plan (bf16, int8, codebook), keep what rounding drops in --workdir "
+        "and send it "
         "next round (default: on)",
     )
     return p
