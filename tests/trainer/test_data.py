@@ -16,6 +16,7 @@ from torch import Tensor  # noqa: E402
 from tapestry_trainer.data import (  # noqa: E402
     BOS,
     EOS,
+    BatchLoader,
     ByteTokenizer,
     LoaderContext,
     ShardLoader,
@@ -85,7 +86,7 @@ def _ctx(
     )
 
 
-def _take(loader: ShardLoader, n: int) -> list[Tensor]:
+def _take(loader: BatchLoader, n: int) -> list[Tensor]:
     return [loader.next_batch()[0] for _ in range(n)]
 
 
