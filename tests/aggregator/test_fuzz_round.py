@@ -634,115 +634,60 @@ def bad_values(draw: st.DrawFn) -> Hostile:
     return Hostile("fp32", shards, tokens)
 
 
+SIDE_EDITS = ["ok", "ok", "F16", "F64", "I8", "longer", "shorter", "2-D", "scalar", "missing",
+              "renamed", "nan", "inf", "huge", "negative", "zero"]  # fmt: skip
+# encoding -> the suffix of its side tensor (int8's scales, the codebook's levels), and
+# the dtype of its values
+SIDE = {"int8": (SCALE_SUFFIX, "I8"), "codebook": (CODEBOOK_SUFFIX, "U8")}
+
+
 @st.composite
-def int8_scales(draw: st.DrawFn) -> Hostile:
-    """An int8 update whose quantized values or scales are wrong in dtype, shape or value."""
+def side_tensors(draw: st.DrawFn, encoding: str) -> Hostile:
+    """An int8 or codebook update whose stored values or side tensor (int8's scales, the
+    codebook's levels) are wrong in dtype, shape or value."""
+    suffix, dtype = SIDE[encoding]
+    other = "U8" if dtype == "I8" else "I8"  # the other 8-bit integer
     i = draw(st.integers(0, len(groups()) - 1))
-    stored = [dict(s) for s in WELL_FORMED_STORED["int8"]]
+    stored = [dict(s) for s in WELL_FORMED_STORED[encoding]]
     tensors = stored[i]
     for name in groups()[i]:
-        q, scale = tensors[name].array, tensors[name + SCALE_SUFFIX].array
-        how = draw(
-            st.sampled_from(
-                [
-                    "ok",
-                    "ok",
-                    "F16",
-                    "F64",
-                    "I8",
-                    "longer",
-                    "shorter",
-                    "2-D",
-                    "scalar",
-                    "missing",
-                    "renamed",
-                    "nan",
-                    "inf",
-                    "huge",
-                    "negative",
-                    "zero",
-                ]
-            )
-        )
-        new = _scale(how, scale)
-        del tensors[name + SCALE_SUFFIX]
+        values, side = tensors[name].array, tensors[name + suffix].array
+        how = draw(st.sampled_from(SIDE_EDITS))
+        new = _side(how, side)
+        del tensors[name + suffix]
         if new is not None:
-            key = name + (":scales" if how == "renamed" else SCALE_SUFFIX)
-            tensors[key] = new
-        q_how = draw(st.sampled_from(["ok", "ok", "ok", "U8", "I16", "F32", "reshaped"]))
+            tensors[name + (":renamed" if how == "renamed" else suffix)] = new
+        wrong = draw(st.sampled_from(["ok", "ok", "ok", other, "I16", "F32", "reshaped"]))
         tensors[name] = {
-            "ok": Tensor("I8", q),
-            "U8": Tensor("U8", q.view(np.uint8)),
-            "I16": Tensor("I16", q.astype(np.int16)),
-            "F32": Tensor("F32", q.astype(np.float32)),
-            "reshaped": Tensor("I8", q.reshape(-1)),
-        }[q_how]
+            "ok": Tensor(dtype, values),
+            other: Tensor(other, values.view(np.uint8 if other == "U8" else np.int8)),
+            "I16": Tensor("I16", values.astype(np.int16)),
+            "F32": Tensor("F32", values.astype(np.float32)),
+            "reshaped": Tensor(dtype, values.reshape(-1)),
+        }[wrong]
     shards = tuple(encode_safetensors(t) for t in stored)
-    return Hostile("int8", shards, draw(st.sampled_from([1, 500, 10**6])))
+    return Hostile(encoding, shards, draw(st.sampled_from([1, 500, 10**6])))
 
 
-LEVEL_EDITS = ["ok", "ok", "F16", "I8", "longer", "shorter", "2-D", "missing", "renamed", "nan",
-               "inf", "huge", "zero"]  # fmt: skip
-
-
-@st.composite
-def codebook_levels(draw: st.DrawFn) -> Hostile:
-    """A codebook update whose indices or levels are wrong in dtype, shape or value."""
-    i = draw(st.integers(0, len(groups()) - 1))
-    stored = [dict(s) for s in WELL_FORMED_STORED["codebook"]]
-    tensors = stored[i]
-    for name in groups()[i]:
-        indices, levels = tensors[name].array, tensors[name + CODEBOOK_SUFFIX].array
-        how = draw(st.sampled_from(LEVEL_EDITS))
-        del tensors[name + CODEBOOK_SUFFIX]
-        if how != "missing":
-            key = name + (":levels" if how == "renamed" else CODEBOOK_SUFFIX)
-            tensors[key] = _levels(how, levels)
-        index_how = draw(st.sampled_from(["ok", "ok", "ok", "I8", "U16", "F32", "reshaped"]))
-        tensors[name] = {
-            "ok": Tensor("U8", indices),
-            "I8": Tensor("I8", indices.view(np.int8)),
-            "U16": Tensor("U16", indices.astype(np.uint16)),
-            "F32": Tensor("F32", indices.astype(np.float32)),
-            "reshaped": Tensor("U8", indices.reshape(-1)),
-        }[index_how]
-    shards = tuple(encode_safetensors(t) for t in stored)
-    return Hostile("codebook", shards, draw(st.sampled_from([1, 500, 10**6])))
-
-
-def _levels(how: str, levels: FloatArray) -> Tensor:
-    if how in ("F16", "I8"):
-        return Tensor(how, levels.astype(np.float16 if how == "F16" else np.int8))
-    changed = {
-        "longer": np.append(levels, np.float32(0.01)),
-        "shorter": levels[:-1],
-        "2-D": levels.reshape(2, -1),
-        "nan": np.full_like(levels, np.nan),
-        "inf": np.full_like(levels, np.inf),
-        "huge": np.full_like(levels, 1e38),
-        "zero": np.zeros_like(levels),
-    }.get(how, levels)
-    return Tensor("F32", np.ascontiguousarray(changed, dtype=np.float32))
-
-
-def _scale(how: str, scale: FloatArray) -> Tensor | None:
+def _side(how: str, side: FloatArray) -> Tensor | None:
+    """`side` changed as `how` says (None: left out)."""
     if how == "missing":
         return None
     if how in ("F16", "F64"):
-        return Tensor(how, scale.astype(np.float16 if how == "F16" else np.float64))
+        return Tensor(how, side.astype(np.float16 if how == "F16" else np.float64))
     if how == "I8":
-        return Tensor("I8", np.ones(scale.shape, np.int8))
+        return Tensor("I8", np.ones(side.shape, np.int8))
     changed = {
-        "longer": np.append(scale, np.float32(0.01)),
-        "shorter": scale[:-1],
-        "2-D": scale.reshape(1, -1),
-        "scalar": scale[0],
-        "nan": np.full_like(scale, np.nan),
-        "inf": np.full_like(scale, np.inf),
-        "huge": np.full_like(scale, 1e38),
-        "negative": -scale,
-        "zero": np.zeros_like(scale),
-    }.get(how, scale)
+        "longer": np.append(side, np.float32(0.01)),
+        "shorter": side[:-1],
+        "2-D": side.reshape(1, -1),
+        "scalar": side[0],
+        "nan": np.full_like(side, np.nan),
+        "inf": np.full_like(side, np.inf),
+        "huge": np.full_like(side, 1e38),
+        "negative": -side,
+        "zero": np.zeros_like(side),
+    }.get(how, side)
     return Tensor("F32", np.ascontiguousarray(changed, dtype=np.float32))
 
 
@@ -1021,13 +966,13 @@ def test_nan_infinite_and_huge_values(templates: dict[str, Template], hostile: H
 
 
 @FUZZ
-@given(hostile=int8_scales())
+@given(hostile=side_tensors("int8"))
 def test_int8_updates_with_bad_scales(templates: dict[str, Template], hostile: Hostile) -> None:
     event(check(templates, hostile))
 
 
 @FUZZ
-@given(hostile=codebook_levels())
+@given(hostile=side_tensors("codebook"))
 def test_codebook_updates_with_bad_levels(templates: dict[str, Template], hostile: Hostile) -> None:
     event(check(templates, hostile))
 
