@@ -4,6 +4,7 @@ work directory, and the participant carrying it from one round to the next."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,9 +234,15 @@ def _like() -> dict[str, FloatArray]:
 
 @pytest.mark.torch
 def test_a_retried_upload_sends_the_same_bytes(rounds: Rounds) -> None:
+    """A process that died after the shards but before the manifest: the retry trains
+    again (its checkpoint gone, other data here, so another delta) and still uploads the
+    very bytes of the first try, the delta kept in the work directory."""
     assert participant.main(rounds.argv(0)) == 0
     first, _ = rounds.stored(0)
     rounds.store.delete(rounds.layout.update_manifest(0, "alice"))  # as if never committed
+    shutil.rmtree(rounds.tmp / "work" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(rounds.tmp / "data")
+    prepare_shards([rounds.tmp / "text" / "bob"], rounds.tmp / "data")
     assert participant.main(rounds.argv(0)) == 0
     second, _ = rounds.stored(0)
     assert [s.sha256 for s in second.shards] == [s.sha256 for s in first.shards]
