@@ -71,17 +71,14 @@ BYTES_TARGET = 0.26  # int8 + error feedback: at most this share of fp32's bytes
 LOSS_TARGET = 0.01  # ... with the validation loss within this of fp32's (relative)
 
 
-def upload_bytes(delta: Mapping[str, np.ndarray], encoding: str) -> int:
-    """The size of the one safetensors shard holding `delta` under `encoding`."""
+def upload(delta: Mapping[str, np.ndarray], encoding: str) -> tuple[int, Arrays]:
+    """The size of the one safetensors shard holding `delta` under `encoding`, and the
+    delta the aggregator reads back from it (encoded once, for both)."""
     stored: dict[str, Tensor] = {}
     for name, values in delta.items():
         stored |= encode_delta(name, values, encoding)
-    return len(encode_safetensors(stored))
-
-
-def decoded(delta: Mapping[str, np.ndarray], encoding: str) -> Arrays:
-    """What the aggregator reads back."""
-    return {n: decode_delta(encode_delta(n, v, encoding), n, encoding) for n, v in delta.items()}
+    received = {name: decode_delta(stored, name, encoding) for name in delta}
+    return len(encode_safetensors(stored)), received
 
 
 def run_arm(setup: Setup, spec: ModelSpec, seed: int, arm: str, scorer: Scorer) -> dict[str, Any]:
@@ -105,10 +102,9 @@ def run_arm(setup: Setup, spec: ModelSpec, seed: int, arm: str, scorer: Scorer) 
             delta = {k: (base[k] - local[k]).astype(np.float32) for k in base}
             if with_feedback and n in residual:
                 delta = feedback.add(delta, residual[n])
-            sizes[n] = upload_bytes(delta, encoding)
-            received = decoded(delta, encoding)
-            if with_feedback:
-                residual[n] = feedback.quantisation_residual(delta, encoding)
+            sizes[n], received = upload(delta, encoding)
+            if with_feedback:  # what rounding dropped: feedback.quantisation_residual
+                residual[n] = {k: (delta[k] - received[k]).astype(np.float32) for k in delta}
                 norms[n] = privacy.l2_norm(residual[n])
             # the outer step reads `base - local`: hand it the local model the
             # aggregator effectively receives

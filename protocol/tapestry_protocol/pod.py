@@ -26,7 +26,7 @@ VERDICT = "TAPESTRY_VERDICT"  # where rank 0 writes why it stopped (see Verdict 
 DP_NOISE_MULTIPLIER = "TAPESTRY_DP_NOISE_MULTIPLIER"  # set (with the clip norm): DP is on
 DP_CLIP_NORM = "TAPESTRY_DP_CLIP_NORM"  # L2 bound of the whole delta before noise
 DP_DELTA = "TAPESTRY_DP_DELTA"  # the delta epsilon is reported at
-ERROR_FEEDBACK = "TAPESTRY_ERROR_FEEDBACK"  # "true"/"false": carry bf16/int8 rounding over
+ERROR_FEEDBACK = "TAPESTRY_ERROR_FEEDBACK"  # "true"/"false": carry lossy rounding over
 STORE_CREDENTIALS_DIR = "TAPESTRY_S3_CREDENTIALS_DIR"  # read by the store itself
 TRACEPARENT = "TRACEPARENT"
 # Set by Kubernetes in each pod of an Indexed Job: the aggregator part's index.
